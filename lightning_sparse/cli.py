@@ -1,0 +1,82 @@
+"""The LightningCLI used by ``train.py``.
+
+Adds to Lightning's CLI:
+- ``data.num_classes`` / ``data.in_chans`` are linked into the model, so configs state them once;
+- a ``ModelCheckpoint`` under the ``checkpoint`` key (best by ``val/acc`` + ``last.ckpt``);
+- ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
+  ``runs/<run_name>/``;
+- running without a subcommand does ``fit`` and then ``test`` on the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lightning_sparse.data import DigitsDataModule
+from lightning_sparse.loggers import WandbLogger
+from lightning_sparse.models import ImageClassifier
+
+__all__ = ["SparseCLI", "main"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+RUNS_DIR = "runs"
+
+
+class SparseCLI(LightningCLI):
+    """LightningCLI with the project's defaults (see module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", ImageClassifier)
+        kwargs.setdefault("datamodule_class", DigitsDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(self._get(self.config_init, "run_name"))
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(run_name: str, save_dir: str = RUNS_DIR) -> list[Logger]:
+    """CSV + W&B (offline by default) loggers writing under ``<save_dir>/<run_name>/``."""
+    return [
+        CSVLogger(save_dir=save_dir, name=run_name),
+        WandbLogger(save_dir=f"{save_dir}/{run_name}", project="lightning_sparse", name=run_name),
+    ]
+
+
+def main(args: list[str] | None = None) -> SparseCLI:
+    """Entry point of ``train.py``. Without a subcommand: ``fit`` then ``test`` on the best checkpoint."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
+        return SparseCLI(args=argv)
+    cli = SparseCLI(args=argv, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if not cli.trainer.interrupted:
+        ckpt = "best" if cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path else None
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return cli

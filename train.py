@@ -1,0 +1,13 @@
+"""Train with LightningCLI.
+
+    python train.py --config configs/quickstart.yaml            # fit, then test the best checkpoint
+    python train.py fit --config configs/quickstart_rigl.yaml   # Lightning subcommands work too
+    python train.py test --config configs/quickstart.yaml --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+    python train.py fit --config configs/debug.yaml --print_config
+    python train.py fit --config configs/quickstart.yaml --trainer.strategy=ddp --trainer.devices=2 --trainer.accelerator=cpu
+"""
+
+from lightning_sparse.cli import main
+
+if __name__ == "__main__":
+    main()
