@@ -1,6 +1,8 @@
 """The LightningCLI used by ``train.py``.
 
 Adds to Lightning's CLI:
+- ``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path``
+  (:class:`~lightning_sparse.models.ImageClassifier` and :mod:`lightning_sparse.data` in our configs);
 - ``data.num_classes`` / ``data.in_chans`` are linked into the model, so configs state them once;
 - a ``ModelCheckpoint`` under the ``checkpoint`` key (best by ``val/acc`` + ``last.ckpt``);
 - ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
@@ -13,14 +15,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import pytorch_lightning as pl
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.loggers import WandbLogger
-from lightning_sparse.models import ImageClassifier
 
 __all__ = ["SparseCLI", "main"]
 
@@ -32,8 +33,8 @@ class SparseCLI(LightningCLI):
     """LightningCLI with the project's defaults (see module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("model_class", ImageClassifier)
-        kwargs.setdefault("datamodule_class", DigitsDataModule)
+        kwargs.setdefault("model_class", pl.LightningModule)
+        kwargs.setdefault("datamodule_class", pl.LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -72,11 +73,21 @@ def default_loggers(run_name: str, save_dir: str = RUNS_DIR) -> list[Logger]:
 def main(args: list[str] | None = None) -> SparseCLI:
     """Entry point of ``train.py``. Without a subcommand: ``fit`` then ``test`` on the best checkpoint."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
-        return SparseCLI(args=argv)
-    cli = SparseCLI(args=argv, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    if not cli.trainer.interrupted:
-        ckpt = "best" if cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path else None
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    return cli
+    try:
+        if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
+            return SparseCLI(args=argv)
+        cli = SparseCLI(args=argv, run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if not cli.trainer.interrupted:
+            best = cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if best else None)
+        return cli
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run (flushes an offline run to disk) if one was started in this process."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -130,6 +130,12 @@ class DigitsDataModule(pl.LightningDataModule):
 class _ImageDataModule(pl.LightningDataModule):
     """Shared loader plumbing for the directory-backed DataModules."""
 
+    def check_data_dir(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        self.check_data_dir()
+
     def __init__(self, data_dir: str, batch_size: int, num_workers: int) -> None:
         super().__init__()
         _check_positive(batch_size=batch_size)
@@ -184,16 +190,20 @@ class CIFARDataModule(_ImageDataModule):
         if num_classes not in self._FOLDERS:
             raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got num_classes={num_classes}.")
         self.num_classes = num_classes
-        folder = self.data_dir / self._FOLDERS[num_classes]
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"CIFAR-{num_classes} not found: expected the extracted python archive at {str(folder)!r} "
-                f"(data_dir={str(self.data_dir)!r}). Nothing is downloaded; extract "
-                f"cifar-{num_classes}-python.tar.gz into data_dir."
-            )
         self.train_set: Dataset | None = None
 
+    def check_data_dir(self) -> None:
+        """Raise ``FileNotFoundError`` naming the directory and the expected layout if data is missing."""
+        folder = self.data_dir / self._FOLDERS[self.num_classes]
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"CIFAR-{self.num_classes} not found: expected the extracted python archive at {str(folder)!r} "
+                f"(data_dir={str(self.data_dir)!r}). Nothing is downloaded; extract "
+                f"cifar-{self.num_classes}-python.tar.gz into data_dir."
+            )
+
     def setup(self, stage: str | None = None) -> None:
+        self.check_data_dir()
         if self.train_set is not None:
             return
         from torchvision import datasets, transforms as T
@@ -227,16 +237,25 @@ class ImageFolderDataModule(_ImageDataModule):
         super().__init__(data_dir, batch_size, num_workers)
         _check_positive(image_size=image_size)
         self.image_size = image_size
+        self.train_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders under ``train/`` (needs the data directory)."""
+        self.check_data_dir()
+        return sum(1 for p in (self.data_dir / "train").iterdir() if p.is_dir())
+
+    def check_data_dir(self) -> None:
+        """Raise ``FileNotFoundError`` naming the directory and the expected layout if data is missing."""
         missing = [str(self.data_dir / s) for s in ("train", "val") if not (self.data_dir / s).is_dir()]
         if missing:
             raise FileNotFoundError(
                 f"ImageFolder data not found: missing {missing} (data_dir={str(self.data_dir)!r}). "
                 "Expected <data_dir>/train/<class>/<image> and <data_dir>/val/<class>/<image>."
             )
-        self.num_classes = sum(1 for p in (self.data_dir / "train").iterdir() if p.is_dir())
-        self.train_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_data_dir()
         if self.train_set is not None:
             return
         from torchvision import datasets, transforms as T

@@ -58,7 +58,10 @@ def create_backbone(
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
             state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ValueError(f"checkpoint_path={str(path)!r} does not fit {model_name!r}: {err}") from None
         if unexpected or missing:
             raise ValueError(
                 f"checkpoint_path={str(path)!r} does not fit {model_name!r}: "
