@@ -1,3 +1,6 @@
 """Lightning Callbacks that do all mask work. Each works on any LightningModule."""
 
-__all__: list[str] = []
+from lightning_sparse.callbacks._base import MaskSource
+from lightning_sparse.callbacks.dst import DynamicSparsity
+
+__all__ = ["DynamicSparsity", "MaskSource"]

@@ -6,8 +6,9 @@ from typing import Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MaskSource"]
+__all__ = ["MaskSource", "log_metrics"]
 
 
 @runtime_checkable
@@ -20,3 +21,14 @@ class MaskSource(Protocol):
     """
 
     def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]: ...
+
+
+@rank_zero_only
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Send metrics straight to every logger at the current global step (rank zero only).
+
+    Callbacks use this instead of ``LightningModule.log`` so they can log from any hook, at exactly the
+    steps where something happened (a mask update, a SAD measurement).
+    """
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)

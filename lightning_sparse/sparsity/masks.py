@@ -1,0 +1,127 @@
+"""Masks keyed by parameter name, and the operations that keep them exact.
+
+A mask is a ``torch.bool`` tensor of the parameter's shape (True = weight kept), keyed by the dotted
+name from ``named_parameters()``. The invariant every sparsity callback maintains: after every optimizer
+step each masked-out weight is exactly 0. :func:`apply_masks_` zeroes weights, :func:`mask_grads_`
+zeroes gradients before the step, and :func:`mask_optimizer_state_` zeroes every optimizer state tensor
+of the parameter's shape (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...), so no
+optimizer can revive a pruned weight — whatever optimizer it is.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Masks",
+    "apply_masks_",
+    "mask_grads_",
+    "mask_optimizer_state_",
+    "random_mask",
+    "mask_density",
+    "global_density",
+    "prunable_weights",
+    "select_names",
+]
+
+Masks = dict[str, torch.Tensor]
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@torch.no_grad()
+def apply_masks_(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every weight outside its mask, in place."""
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
+@torch.no_grad()
+def mask_grads_(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the gradient outside the mask, in place (parameters without a gradient are skipped)."""
+    for name, mask in masks.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(mask)
+
+
+@torch.no_grad()
+def mask_optimizer_state_(
+    optimizers: Iterable[torch.optim.Optimizer],
+    params: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> int:
+    """Zero, at masked positions, every optimizer state tensor that has the parameter's shape.
+
+    Works for any ``torch.optim`` optimizer (state is looked up by parameter). Returns the number of
+    state tensors touched (useful in tests).
+    """
+    touched = 0
+    for opt in optimizers:
+        for name, mask in masks.items():
+            state = opt.state.get(params[name])
+            if not state:
+                continue
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == mask.shape:
+                    value.mul_(mask)
+                    touched += 1
+    return touched
+
+
+def random_mask(shape: Sequence[int], count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool mask of ``shape`` with exactly ``count`` True positions chosen uniformly at random."""
+    numel = int(torch.Size(shape).numel())
+    if not 0 <= count <= numel:
+        raise ValueError(f"count must be in [0, {numel}] for shape {tuple(shape)}, got count={count}.")
+    idx = torch.randperm(numel, generator=generator)[:count]
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(*shape).to(device)
+
+
+def mask_density(mask: torch.Tensor) -> float:
+    """Fraction of kept positions."""
+    return mask.sum().item() / mask.numel()
+
+
+def global_density(masks: Mapping[str, torch.Tensor]) -> float:
+    """Kept positions over all masks / all positions."""
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept / max(1, total)
+
+
+def prunable_weights(
+    module: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES
+) -> list[str]:
+    """Names (as in ``named_parameters()``) of the ``weight`` of every Conv/Linear, in registration order."""
+    names = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, types) and isinstance(getattr(mod, "weight", None), nn.Parameter):
+            names.append(f"{mod_name}.weight" if mod_name else "weight")
+    return names
+
+
+def select_names(
+    candidates: Sequence[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[str]:
+    """Filter parameter names with fnmatch patterns (``*`` matches dots too).
+
+    Raises:
+        ValueError: a pattern matches none of the candidates (the message lists those patterns and a few
+            candidate names).
+    """
+    def unmatched(patterns: Sequence[str]) -> list[str]:
+        return [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
+
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        bad = unmatched(patterns or [])
+        if bad:
+            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+            raise ValueError(f"{arg} pattern(s) {bad} match no prunable parameter; candidates are: {shown}.")
+    names = [c for c in candidates if include is None or any(fnmatch.fnmatchcase(c, p) for p in include)]
+    return [c for c in names if not any(fnmatch.fnmatchcase(c, p) for p in (exclude or []))]

@@ -1,0 +1,43 @@
+"""Small deterministic training setups shared by the sparsity tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def fixed_loader(n: int = 96, batch_size: int = 16, image_size: int = 8, in_chans: int = 1, seed: int = 0) -> DataLoader:
+    """Unshuffled digits (first ``n`` images) so resumed and uninterrupted runs see identical batches."""
+    from lightning_sparse.data import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=image_size, max_shift=0, split_seed=seed)
+    dm.setup()
+    x, y = dm.train_set.base.tensors
+    x = x[:n].expand(-1, in_chans, -1, -1).contiguous()
+    return DataLoader(TensorDataset(x, y[:n]), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path: Any, max_steps: int, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=kwargs.pop("logger", False),
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def optimizer_state(trainer: pl.Trainer) -> list[dict[str, torch.Tensor]]:
+    return [
+        {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+        for s in trainer.optimizers[0].state.values()
+    ]

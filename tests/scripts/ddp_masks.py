@@ -1,0 +1,70 @@
+"""Train a small model with 2-process DDP (gloo, CPU) and save every rank's masks.
+
+    python tests/scripts/ddp_masks.py <method> <out_dir>
+
+<method> names a sparsity callback factory below; each rank writes <out_dir>/rank<r>.pt with its masks.
+Used by the DDP tests (each rank sees different data, so equal masks prove the decisions are synced).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from conftest import TinyNet  # noqa: E402
+
+
+def make_callback(method: str) -> pl.Callback:
+    if method == "dst_rigl":
+        from lightning_sparse.callbacks import DynamicSparsity
+
+        return DynamicSparsity(density=0.2, update_interval=2, stop_step=12, growth="gradient")
+    if method == "dst_set":
+        from lightning_sparse.callbacks import DynamicSparsity
+
+        return DynamicSparsity(density=0.2, update_interval=2, stop_step=12, growth="random")
+    if method == "nm":
+        from lightning_sparse.callbacks import NMSparsity
+
+        return NMSparsity(n=2, m=4)
+    if method == "chase":
+        from lightning_sparse.callbacks import Chase
+
+        return Chase(density=0.2, channel_sparsity=0.5, update_interval=2, channel_interval_epochs=1,
+                     stop_gmp_epochs=3, stop_dst_epochs=1, minimum_ratio=0.5)
+    raise SystemExit(f"unknown method {method!r}")
+
+
+class SaveMasks(pl.Callback):
+    def __init__(self, source: pl.Callback, out: Path) -> None:
+        self.source, self.out = source, out
+
+    def on_train_end(self, trainer, pl_module):
+        masks = {k: v.cpu() for k, v in self.source.current_masks(pl_module).items()}
+        torch.save({"masks": masks, "shapes": {k: tuple(p.shape) for k, p in pl_module.named_parameters()}},
+                   self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    method, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g))
+    cb = make_callback(method)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, SaveMasks(cb, out)],
+    )
+    trainer.fit(TinyNet(), DataLoader(data, batch_size=16, shuffle=True))
+
+
+if __name__ == "__main__":
+    main()
