@@ -17,7 +17,7 @@ Public API:
     * :func:`slim_report` — params, FLOPs (``torch.utils.flop_counter``) and channels, dense vs slim.
 
 Torch-Pruning replaces the ``nn.Parameter`` objects it prunes, so an optimizer built before
-:func:`slim_model` points at stale tensors: rebuild it (slicing its state with :attr:`SlimResult.kept`).
+:func:`slim_model` points at stale tensors: rebuild it (slicing its state with :meth:`SlimResult.slice`).
 
 Example:
     >>> import timm, torch
@@ -29,8 +29,8 @@ Example:
     >>> res = slim_model(model, {"layer1.0.conv1": [0, 1, 2]}, x)
     >>> model.layer1[0].conv1.out_channels, model.layer1[0].conv2.in_channels
     (61, 61)
-    >>> res.kept["layer1.0.conv2.weight"][0], res.kept["layer1.0.conv2.weight"][1][:3].tolist()
-    (1, [3, 4, 5])
+    >>> res.kept["layer1.0.conv2.weight"][1][:3].tolist()  # dim 1 (input channels) kept 3, 4, 5, ...
+    [3, 4, 5]
 """
 
 from __future__ import annotations
@@ -142,14 +142,28 @@ class SlimResult:
     Attributes:
         model: the slimmed model (the same object that was passed in, modified in place).
         removed: conv name -> original channel indices actually removed (after ``round_to``).
-        kept: parameter/buffer name -> ``(dim, LongTensor of the original indices kept along dim)`` for
-            every tensor that changed shape; slice masks and optimizer state with
-            ``t.index_select(dim, kept)``.
+        kept: parameter/buffer name -> ``{dim: LongTensor of the original indices kept along dim}`` for
+            every tensor that changed shape (a conv whose input *and* output channels were slimmed has two
+            dims); slice masks and optimizer state with :meth:`slice`.
     """
 
     model: nn.Module
     removed: dict[str, list[int]] = field(default_factory=dict)
-    kept: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    kept: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+    def slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the pre-slimming shape of ``name``: a mask, a momentum buffer) cut like ``name``.
+
+        Tensors of names that did not change are returned as they are.
+
+        Example:
+            >>> r = SlimResult(nn.Identity(), kept={"w": {0: torch.tensor([0, 2]), 1: torch.tensor([1])}})
+            >>> r.slice("w", torch.arange(6).reshape(3, 2)).tolist()
+            [[1], [5]]
+        """
+        for dim, idx in self.kept.get(name, {}).items():
+            tensor = tensor.index_select(dim, idx.to(tensor.device))
+        return tensor
 
 
 # ----------------------------------------------------------------------------------------------- graph
@@ -345,7 +359,7 @@ def slim_model(
     (or ``C``). :attr:`SlimResult.removed` lists what was actually removed.
 
     Torch-Pruning replaces the pruned ``nn.Parameter`` objects (``requires_grad`` flags are restored):
-    rebuild the optimizer afterwards, slicing its state with :attr:`SlimResult.kept`.
+    rebuild the optimizer afterwards, slicing its state with :meth:`SlimResult.slice`.
 
     Args:
         model: the model to slim (modified in place).
@@ -378,7 +392,7 @@ def slim_model(
     graph = _build_graph(model, example_inputs)
     names = {m: n for n, m in modules.items()}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    kept_lists: dict[str, tuple[int, list[int]]] = {}
+    kept_lists: dict[tuple[str, int], list[int]] = {}
     pruned_out: dict[str, str] = {}  # conv whose out channels were already pruned -> by which request
     for name, idx in todo.items():
         group_info, reason, _ = _analyze(graph, model, name, include_residual)
@@ -420,14 +434,15 @@ def slim_model(
                 if local not in after or after[local] == before[m][local]:
                     continue
                 full = f"{names[m]}.{local}" if names[m] else local
-                cur = kept_lists.get(full, (dim, list(range(before[m][local][dim]))))[1]
-                kept_lists[full] = (dim, [k for pos, k in enumerate(cur) if pos not in gone])
+                cur = kept_lists.get((full, dim), list(range(before[m][local][dim])))
+                kept_lists[(full, dim)] = [k for pos, k in enumerate(cur) if pos not in gone]
         for other in (name, *group_info.coupled):
             pruned_out[other] = name
         result.removed[name] = sorted(idx)
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, True))
-    result.kept = {n: (d, torch.tensor(k, dtype=torch.long)) for n, (d, k) in kept_lists.items()}
+    for (n, d), k in sorted(kept_lists.items()):
+        result.kept.setdefault(n, {})[d] = torch.tensor(k, dtype=torch.long)
     return result
 
 
