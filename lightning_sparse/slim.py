@@ -237,8 +237,8 @@ def _analyze(
         is_out = graph.is_out_channel_pruning_fn(dep.handler)
         if isinstance(module, nn.Parameter):
             return None, "its channels reach a bare nn.Parameter (unsupported layer) used in the forward", group
-        if target.type == tp.ops.OPTYPE.OUTPUT:
-            return None, "its channels are outputs of the model", group
+        if is_out and not target.outputs:  # a node that channels pass through and nothing consumes
+            return None, "its channels are outputs of the model (no layer consumes them)", group
         grad_fn = getattr(module, "_grad_fn", None)
         if grad_fn is not None and str(grad_fn).startswith(_ADD_OPS) and not include_residual:
             return None, f"its channels feed a residual sum ({grad_fn})", group

@@ -227,6 +227,8 @@ def test_unsupported_layers_named():
         slim_model(grouped, {"1": [0]}, x)
     model = _model("resnet18")
     xs = torch.randn(1, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"cannot slim layer '2': its channels are outputs of the model"):
+        slim_model(grouped, {"2": [0]}, x)
     with pytest.raises(ValueError, match=r"cannot slim layer 'fc': it is a Linear"):
         slim_model(model, {"fc": [0]}, xs)
     with pytest.raises(ValueError, match=r"cannot slim layers \['layer9.conv1'\]: no such modules"):
