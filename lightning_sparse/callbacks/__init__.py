@@ -1,3 +1,5 @@
 """Lightning Callbacks that do all mask work. Each works on any LightningModule."""
 
-__all__: list[str] = []
+from lightning_sparse.callbacks.nm import NMSparsity
+
+__all__: list[str] = ["NMSparsity"]
