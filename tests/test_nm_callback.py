@@ -181,6 +181,20 @@ def test_include_selects_and_state_dict_roundtrip(tiny_net):
     assert "forward" not in tiny_net.head.__dict__
 
 
+def test_decay_follows_loss_scale_and_accumulation():
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), global_step=3, accumulate_grad_batches=4)
+    nm = NMSparsity(decay=lambda step: 1e-4 * step)
+    nm.on_train_batch_start(trainer, None, None, 0)
+    assert nm._decay_now == pytest.approx(3e-4)
+    assert nm._decay_applied == pytest.approx(3e-4 * 1024 / 4)
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=3, accumulate_grad_batches=1)
+    nm.on_train_batch_start(plain, None, None, 0)
+    assert nm._decay_applied == pytest.approx(3e-4)
+
+
 # ---------------------------------------------------------------- bad inputs, one test per message
 def test_bad_n_not_below_m():
     with pytest.raises(ValueError, match=r"`n` must be < `m` for N:M sparsity, got n=4, m=4"):

@@ -63,6 +63,10 @@ class NMSparsity(pl.Callback):
         dense_warmup_steps: train dense for this many optimizer steps before masking starts
             (masking is off in every stage until then).
 
+    Under fp16 mixed precision the decay is multiplied by the GradScaler's current scale before the
+    backward, and divided by ``accumulate_grad_batches``, so the gradient the optimizer sees is exactly
+    ``∂L/∂W̃ + decay · (1 − M) ⊙ W`` per optimizer step.
+
     Raises:
         ValueError: invalid arguments (in ``__init__``) or patterns/``m`` that fit no layer (in ``setup``).
 
@@ -93,6 +97,7 @@ class NMSparsity(pl.Callback):
         self.skipped: dict[str, str] = {}  # parameter name -> reason
         self.global_step = 0
         self._decay_now = 0.0 if callable(self.decay) else float(self.decay)
+        self._decay_applied = self._decay_now
         self._patched: dict[str, tuple[nn.Module, Any]] = {}  # module name -> (module, its own instance forward)
         self._coverage = 0.0
 
@@ -129,7 +134,7 @@ class NMSparsity(pl.Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._run_step(trainer.global_step)
+        self._run_step(trainer.global_step, self._loss_scale(trainer) / max(1, trainer.accumulate_grad_batches))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,7 +201,7 @@ class NMSparsity(pl.Callback):
     def _forward_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.masking:
             return weight
-        return srste(weight, self.n, self.m, self._decay_now, self.layout)
+        return srste(weight, self.n, self.m, self._decay_applied, self.layout)
 
     def _candidates(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """``{weight parameter name: module}`` for every Conv2d/Linear with a weight."""
@@ -256,11 +261,22 @@ class NMSparsity(pl.Callback):
             f"coverage {self._coverage:.4f} of sparse-layer params."
         )
 
-    def _run_step(self, global_step: int) -> None:
+    def _run_step(self, global_step: int, grad_factor: float = 1.0) -> None:
         self.global_step = int(global_step)
         self._decay_now = float(self.decay(self.global_step)) if callable(self.decay) else float(self.decay)
         if self._decay_now < 0:
             raise ValueError(f"`decay` callable returned {self._decay_now} at step {self.global_step}; must be >= 0.")
+        # the decay term is added inside backward, i.e. to the gradient of the loss as Lightning scales it
+        # (÷ accumulate_grad_batches, × the fp16 GradScaler scale): apply the same factor to it
+        self._decay_applied = self._decay_now * grad_factor
+
+    @staticmethod
+    def _loss_scale(trainer: pl.Trainer) -> float:
+        """Current GradScaler scale under fp16 mixed precision, else 1."""
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
 
     def _run_log(self, pl_module: pl.LightningModule) -> None:
         sparsity = self._coverage * (1.0 - self.n / self.m) if self.masking else 0.0
