@@ -2,5 +2,6 @@
 
 from lightning_sparse.callbacks._base import MaskSource
 from lightning_sparse.callbacks.dst import DynamicSparsity
+from lightning_sparse.callbacks.nm import NMSparsity
 
-__all__ = ["DynamicSparsity", "MaskSource"]
+__all__ = ["DynamicSparsity", "MaskSource", "NMSparsity"]
