@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sparse.loggers import WandbLogger
@@ -79,11 +80,20 @@ def main(args: list[str] | None = None) -> SparseCLI:
         cli = SparseCLI(args=argv, run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         if not cli.trainer.interrupted:
-            best = cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best" if best else None)
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         return cli
     finally:
         _finish_wandb()
+
+
+def _test_checkpoint(trainer: Trainer) -> str | None:
+    """``"best"`` after fit, unless a callback reshaped the model during fit (Chase slimming): then an
+    earlier checkpoint may not fit the final architecture, so the final weights are tested."""
+    if any(getattr(cb, "changes_architecture", False) for cb in trainer.callbacks):
+        rank_zero_info("Testing the final weights: the architecture changed during fit.")
+        return None
+    best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+    return "best" if best else None
 
 
 def _finish_wandb() -> None:

@@ -1,7 +1,8 @@
 """Lightning Callbacks that do all mask work. Each works on any LightningModule."""
 
 from lightning_sparse.callbacks._base import MaskSource
+from lightning_sparse.callbacks.chase import Chase
 from lightning_sparse.callbacks.dst import DynamicSparsity
 from lightning_sparse.callbacks.nm import NMSparsity
 
-__all__ = ["DynamicSparsity", "MaskSource", "NMSparsity"]
+__all__ = ["Chase", "DynamicSparsity", "MaskSource", "NMSparsity"]

@@ -23,3 +23,4 @@ def assert_equal_across_ranks(states: list[dict]) -> None:
     for k in a["masks"]:
         assert torch.equal(a["masks"][k], b["masks"][k]), k
     assert a["shapes"] == b["shapes"]
+    assert a.get("removed") == b.get("removed")

@@ -38,7 +38,7 @@ def make_callback(method: str) -> pl.Callback:
         from lightning_sparse.callbacks import Chase
 
         return Chase(density=0.2, channel_sparsity=0.5, update_interval=2, channel_interval_epochs=1,
-                     stop_gmp_epochs=3, stop_dst_epochs=1, minimum_ratio=0.5)
+                     stop_gmp_epochs=3, stop_dst_epochs=1, minimum_ratio=0.5, input_shape=(1, 8, 8))
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -48,7 +48,8 @@ class SaveMasks(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         masks = {k: v.cpu() for k, v in self.source.current_masks(pl_module).items()}
-        torch.save({"masks": masks, "shapes": {k: tuple(p.shape) for k, p in pl_module.named_parameters()}},
+        removed = getattr(self.source, "removed", None)
+        torch.save({"masks": masks, "removed": removed, "shapes": {k: tuple(p.shape) for k, p in pl_module.named_parameters()}},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
