@@ -61,6 +61,7 @@ __all__ = [
     "export_slim",
     "load_slim",
     "slim_report",
+    "count_flops",
 ]
 
 SLIM_FORMAT = "lightning_sparse.slim/1"
@@ -609,7 +610,8 @@ def load_slim(path: str | Path, map_location: str | torch.device = "cpu", verify
     return model.to(map_location)
 
 
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on ``x`` (``torch.utils.flop_counter``; eval mode, no grad)."""
     with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
@@ -641,7 +643,7 @@ def slim_report(dense_model: nn.Module, slim_model: nn.Module, input_shape: Sequ
 
     x = torch.zeros(tuple(int(s) for s in input_shape))
     params = [sum(p.numel() for p in m.parameters()) for m in (dense_model, slim_model)]
-    flops = [_flops(m, x.to(device(m))) for m in (dense_model, slim_model)]
+    flops = [count_flops(m, x.to(device(m))) for m in (dense_model, slim_model)]
     dense_c = {n: m.out_channels for n, m in dense_model.named_modules() if isinstance(m, nn.Conv2d)}
     slim_c = {n: m.out_channels for n, m in slim_model.named_modules() if isinstance(m, nn.Conv2d)}
     return {

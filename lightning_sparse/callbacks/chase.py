@@ -24,6 +24,7 @@ from lightning_sparse.slim import (
     apply_channel_config,
     channel_candidates,
     channel_config,
+    count_flops,
     slim_model,
 )
 from lightning_sparse.sparsity.channels import (
@@ -177,6 +178,8 @@ class Chase(DynamicSparsity):
         self._phase2_started = False
         self._pending_slim = False
         self._example: torch.Tensor | None = None
+        self.dense_flops = 0
+        self.flops_ratio = 1.0
 
     @property
     @override
@@ -263,6 +266,7 @@ class Chase(DynamicSparsity):
             slimmed={k: list(v) for k, v in self.slimmed.items()},
             allowed={k: v.detach().cpu().clone() for k, v in self.allowed.items()},
             arch=self.arch,
+            dense_flops=self.dense_flops,
             phase2_started=self._phase2_started,
         )
         return state
@@ -277,6 +281,7 @@ class Chase(DynamicSparsity):
         device = {k: p.device for k, p in self._params.items()}
         self.allowed = {k: v.to(device.get(k, "cpu")) for k, v in state_dict["allowed"].items()}
         self.arch = state_dict["arch"]
+        self.dense_flops = int(state_dict.get("dense_flops", 0))
         self._phase2_started = bool(state_dict["phase2_started"])
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
@@ -348,6 +353,7 @@ class Chase(DynamicSparsity):
             )
         if not self.start_channels:
             self.start_channels = {k: g.channels for k, g in self.groups.items()}
+            self.dense_flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
 
     def _hook_checkpoint_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-slim the model from a checkpoint's channel config right before its weights load.
@@ -518,7 +524,11 @@ class Chase(DynamicSparsity):
         self._run_find_candidates(trainer, pl_module)
         self._refresh_params(pl_module)
         self._enforce(trainer)
-        log_metrics(trainer, {"channels/params": float(sum(p.numel() for p in pl_module.parameters()))})
+        flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
+        self.flops_ratio = flops / self.dense_flops if self.dense_flops else 1.0
+        log_metrics(trainer, {"channels/params": float(sum(p.numel() for p in pl_module.parameters())),
+                              "channels/flops_ratio": self.flops_ratio})
+        rank_zero_info(f"Chase: slimmed the model; FLOPs {self.flops_ratio:.3f}x of dense")
 
     @staticmethod
     def _swap_optimizer_params(trainer: pl.Trainer, old: dict, new: dict, result: Any) -> None:
