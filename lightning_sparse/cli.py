@@ -74,10 +74,11 @@ def default_loggers(run_name: str, save_dir: str = RUNS_DIR) -> list[Logger]:
 def main(args: list[str] | None = None) -> SparseCLI:
     """Entry point of ``train.py``. Without a subcommand: ``fit`` then ``test`` on the best checkpoint."""
     argv = list(sys.argv[1:] if args is None else args)
+    cli_args = None if args is None else argv  # None: LightningCLI reads sys.argv itself
     try:
         if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
-            return SparseCLI(args=argv)
-        cli = SparseCLI(args=argv, run=False)
+            return SparseCLI(args=cli_args)
+        cli = SparseCLI(args=cli_args, run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))

@@ -55,9 +55,11 @@ def create_backbone(
         path = Path(checkpoint_path)
         if not path.is_file():
             raise ValueError(f"checkpoint_path={str(path)!r} does not exist or is not a file.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
-            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+        state, arch = _read_weights(path)
+        if arch:  # a slimmed model (Chase checkpoint or slim export): rebuild its channel counts first
+            from lightning_sparse.slim import apply_channel_config
+
+            apply_channel_config(model, arch, torch.randn(1, in_chans, 64, 64))
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch
@@ -68,6 +70,32 @@ def create_backbone(
                 f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}."
             )
     return model
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Backbone ``state_dict`` and, for slimmed models, the channel config from a local weights file.
+
+    Accepts a plain timm/torch ``state_dict``, a Lightning checkpoint of :class:`ImageClassifier`
+    (``model.`` prefix removed; a Chase channel config in its callback state is honoured), or a file
+    written by :func:`lightning_sparse.slim.export_slim`.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"checkpoint_path={str(path)!r} is not a readable torch checkpoint: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a state_dict.")
+    if state.get("format", "").startswith("lightning_sparse.slim"):
+        return state["state_dict"], state["channel_config"]
+    if "state_dict" in state:  # Lightning checkpoint
+        arch = next(
+            (s["arch"] for s in state.get("callbacks", {}).values() if isinstance(s, dict) and s.get("arch")), None
+        )
+        if arch is not None:
+            arch = {k.removeprefix("model."): v for k, v in arch.items() if k.startswith("model.")}
+        weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        return weights, arch
+    return state, None
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
