@@ -97,8 +97,6 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...], s
         return module.model, shape, f"{module.hparams.get('model_name')} from {args.checkpoint}"
     import timm
 
-    if not args.random_init:
-        raise SystemExit("--model needs --random-init (pretrained weights are never downloaded) or use --checkpoint")
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
     return model, _timm_input_shape(model, 3, args.image_size), f"{args.model} (random init)"
 
@@ -112,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size values must be >= 1, got {args.batch_size}")
     if args.random_init and args.model is None:
         parser.error("--random-init only applies to --model")
+    if args.model is not None and not args.random_init:
+        parser.error("--model needs --random-init (pretrained weights are never downloaded), or use --checkpoint")
     reason = skip_reason(None, args.dtype[0], args.backend)
     if reason is not None:  # before building anything: a CPU machine exits here
         print(f"2:4 semi-structured benchmark skipped: {reason}.")

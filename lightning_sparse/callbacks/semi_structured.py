@@ -84,14 +84,18 @@ class SemiStructuredBenchmark(pl.Callback):
         self.last_skip_reason: str | None = None
 
     @staticmethod
-    def _validate(when: Any, dtype: Any, backend: Any, batch_size: Any, warmup: Any, runs: Any, input_shape: Any) -> None:
+    def _validate(
+        when: Any, dtype: Any, backend: Any, batch_size: Any, warmup: Any, runs: Any, input_shape: Any
+    ) -> None:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if when not in WHENS:
             raise ValueError(f"`when` must be one of {list(WHENS)}, got when={when!r}.")
         if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {list(DTYPES)} for 2:4 semi-structured sparsity, got dtype={dtype!r}.")
+            raise ValueError(
+                f"`dtype` must be one of {list(DTYPES)} for 2:4 semi-structured sparsity, got dtype={dtype!r}."
+            )
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got backend={backend!r}.")
         if not is_int(batch_size) or batch_size < 1:
@@ -111,7 +115,9 @@ class SemiStructuredBenchmark(pl.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(when=self.when, dtype=self.dtype, backend=self.backend, batch_size=self.batch_size)
+        return self._generate_state_key(
+            when=self.when, dtype=self.dtype, backend=self.backend, batch_size=self.batch_size
+        )
 
     # ------------------------------------------------------------------ hooks
     @override
