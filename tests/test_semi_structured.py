@@ -1,0 +1,386 @@
+"""2:4 semi-structured inference: eligibility (CPU), skip paths (CPU), conversion/parity/timing (GPU, cap >= 8.0)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_sparse import semi_structured
+from lightning_sparse.benchmark import main as benchmark_main
+from lightning_sparse.semi_structured import (
+    SHAPE_CONSTRAINTS,
+    LayerTiming,
+    SemiStructuredReport,
+    benchmark_semi_structured,
+    check_backend,
+    format_report,
+    resolve_dtype,
+    semi_structured_eligibility,
+    skip_reason,
+    sparsify_model,
+    torch_shape_constraint,
+)
+from lightning_sparse.sparsity.nm import nm_violations
+from tests.helpers.run_if import RunIf
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = [pytest.mark.gpu, RunIf(min_gpus=1, min_cuda_capability=(8, 0))]
+
+
+class Mixed(nn.Module):
+    """Eligible and ineligible linears, a 3x3 conv and a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.fc_ok = nn.Linear(64, 32)  # (out=32, in=64): both backends
+        self.fc_small_in = nn.Linear(32, 32)  # in=32: cuSPARSELt yes, CUTLASS needs in % 64
+        self.fc_odd_in = nn.Linear(30, 32)
+        self.head = nn.Linear(64, 10)  # out=10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) -> (B, 10)
+        return self.head(torch.cat([self.fc_ok(x), self.fc_small_in(self.fc_ok(x))], dim=-1))
+
+
+class MLP(pl.LightningModule):
+    """8x8 digits -> 64 -> 128 -> 64 -> 10: every hidden linear 2:4-eligible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                 nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _by_name(rows):
+    return {r.name: r for r in rows}
+
+
+# ------------------------------------------------------------------------------------- tables / eligibility
+@pytest.mark.parametrize("key", list(SHAPE_CONSTRAINTS))
+def test_constraint_table_matches_installed_torch(key):
+    backend, dtype = key
+    assert torch_shape_constraint(backend, dtype) == SHAPE_CONSTRAINTS[key]
+
+
+def test_eligibility_mixed_model_cusparselt():
+    rows = _by_name(semi_structured_eligibility(Mixed(), "float16", "cusparselt"))
+    assert list(rows) == ["conv", "pw", "fc_ok", "fc_small_in", "fc_odd_in", "head"]
+    assert {n for n, r in rows.items() if r.eligible} == {"fc_ok", "fc_small_in"}
+    assert rows["fc_ok"].shape == (32, 64) and rows["fc_ok"].reason == "ok"
+    assert rows["conv"].reason.startswith("Conv2d is not handled")
+    assert rows["pw"].reason.startswith("1x1 Conv2d is not handled")
+    assert rows["fc_odd_in"].reason == "in_features=30 is not a positive multiple of 16 (cusparselt, float16)"
+    assert rows["head"].reason == "out_features=10 is not a positive multiple of 16 (cusparselt, float16)"
+
+
+def test_eligibility_mixed_model_cutlass():
+    rows = _by_name(semi_structured_eligibility(Mixed(), "bfloat16", "cutlass"))
+    assert {n for n, r in rows.items() if r.eligible} == {"fc_ok"}
+    assert rows["fc_small_in"].reason == "in_features=32 is not a positive multiple of 64 (cutlass, bfloat16)"
+    assert "out_features=10 is not a positive multiple of 32" in rows["head"].reason
+    assert "in_features=64" not in rows["head"].reason
+
+
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_eligibility_vit(backend):
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000, img_size=32)
+    rows = semi_structured_eligibility(vit, "float16", backend)
+    eligible = {r.name for r in rows if r.eligible}
+    blocks = len(vit.blocks)
+    expected = {f"blocks.{i}.{n}" for i in range(blocks) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert eligible == expected
+    rest = _by_name(r for r in rows if not r.eligible)
+    assert set(rest) == {"patch_embed.proj", "head"}
+    assert rest["patch_embed.proj"].reason.startswith("Conv2d is not handled")
+    assert "out_features=1000" in rest["head"].reason
+
+
+def test_eligibility_float32_gives_reason():
+    rows = semi_structured_eligibility(Mixed(), torch.float32)
+    linears = [r for r in rows if r.name.startswith(("fc", "head"))]
+    assert linears and not any(r.eligible for r in linears)
+    assert all(r.reason == "dtype float32 is not supported; 2:4 semi-structured kernels need float16 or bfloat16"
+               for r in linears)
+
+
+def test_bad_dtype_and_backend_raise():
+    with pytest.raises(ValueError, match=r"`dtype` must be one of \['float16', 'bfloat16'\].*dtype='float32'"):
+        resolve_dtype("float32")
+    with pytest.raises(ValueError, match=r"`backend` must be one of \['cusparselt', 'cutlass'\], got backend='triton'"):
+        check_backend("triton")
+
+
+# ------------------------------------------------------------------------------------- skip reasons
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_skip_reason_on_cpu():
+    assert skip_reason().startswith("no CUDA device")
+    assert skip_reason(Mixed(), "float16", "cutlass").startswith("no CUDA device")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA device exists, with a settable capability (no kernel is ever run)."""
+    state = {"cap": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    return state
+
+
+def test_skip_reason_old_gpu(fake_gpu):
+    fake_gpu["cap"] = (7, 5)
+    assert skip_reason(Mixed()) == (
+        "Fake GPU has compute capability 7.5; 2:4 sparse tensor cores need >= 8.0 (A100, RTX 30xx/40xx, H100)"
+    )
+
+
+def test_skip_reason_no_eligible_layer_and_no_cusparselt(fake_gpu, monkeypatch):
+    assert skip_reason(Mixed()) is None
+    assert skip_reason(Mixed(), "float32") == "dtype float32 is not supported; use float16 or bfloat16"
+    reason = skip_reason(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Linear(30, 10)))
+    assert reason.startswith("no layer is eligible for 2:4 semi-structured sparsity (0 (8, 3, 1, 1): 1x1 Conv2d")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    assert skip_reason(Mixed(), backend="cusparselt") == "this torch build has no cuSPARSELt; use backend='cutlass'"
+    assert skip_reason(Mixed(), backend="cutlass") is None
+
+
+# ------------------------------------------------------------------------------------- conversion bookkeeping (CPU)
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_sparsify_model_bookkeeping_with_fake_conversion(fake_gpu, monkeypatch, backend):
+    """Everything around the torch kernel: copies, baking, which layers go to the converter, backend flag."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    calls = []
+
+    def fake_convert(w):
+        calls.append((tuple(w.shape), w.dtype, w.is_contiguous(), SparseSemiStructuredTensor._FORCE_CUTLASS))
+        if w.shape == (32, 32):
+            raise RuntimeError("kernel says no")
+        return w.clone()
+
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", fake_convert)
+    monkeypatch.setattr(semi_structured, "skip_reason", lambda *a, **k: None)  # device="cpu" below
+    torch.manual_seed(0)
+    model = Mixed()
+    model.fc_ok.forward = lambda x: x  # an instance forward (as NMSparsity installs) must not reach the copies
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense, sparse, converted, skipped = sparsify_model(model, "float16", backend, device="cpu")
+
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
+    assert nm_violations(model.fc_ok.weight, 2, 4) > 0
+    assert "forward" in model.fc_ok.__dict__ and "forward" not in dense.fc_ok.__dict__
+    assert SparseSemiStructuredTensor._FORCE_CUTLASS is False  # restored
+    expected_eligible = ["fc_ok", "fc_small_in"] if backend == "cusparselt" else ["fc_ok"]
+    assert calls == [(tuple(getattr(model, n).weight.shape), torch.float16, True, backend == "cutlass")
+                     for n in expected_eligible]
+    assert converted == ["fc_ok"]
+    reasons = _by_name(skipped)
+    assert set(reasons) == {"conv", "pw", "fc_odd_in", "head", "fc_small_in"}
+    assert reasons["fc_small_in"].reason == (
+        "conversion failed: kernel says no" if backend == "cusparselt"
+        else "in_features=32 is not a positive multiple of 64 (cutlass, float16)"
+    )
+    for name in expected_eligible:  # baked 2:4 in both copies, same values
+        assert nm_violations(getattr(dense, name).weight, 2, 4) == 0
+        assert torch.equal(getattr(dense, name).weight, getattr(sparse, name).weight)
+    assert torch.equal(dense.head.weight, model.head.weight.half())  # ineligible: dense, unmasked
+    assert dense.fc_ok.weight.dtype == torch.float16 and not dense.training
+
+
+def test_format_report_and_metrics():
+    layers = [LayerTiming("blocks.0.mlp.fc1", (3072, 768), (64, 197, 768), 0.10, 0.08),
+              LayerTiming("blocks.0.mlp.fc2", (768, 3072), (64, 197, 3072), 0.10, 0.05)]
+    rep = SemiStructuredReport("bfloat16", "cutlass", 64, (3, 224, 224), "GPU", 50, 10.0, 8.0, 0.2, 5e-2,
+                               ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"], [], layers)
+    text = format_report(rep)
+    assert "speed-up x1.250" in text and "FAILED" in text and "6400 img/s" in text and "8000 img/s" in text
+    table = text.split("\n\n")[1].splitlines()
+    assert table[0].split() == ["layer", "weight", "input", "dense_ms", "sparse_ms", "speedup"]
+    assert len(table) == 2 + len(layers) and table[3].split()[-1] == "2.0"
+    assert rep.metrics()["semi/speedup_e2e"] == pytest.approx(1.25)
+    assert len(rep.layer_rows()[0]) == 6
+
+
+# ------------------------------------------------------------------------------------- callback
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"when": "epoch_end"}, r"`when` must be one of \['fit_end', 'test_end', 'both'\], got when='epoch_end'"),
+        ({"dtype": "float32"}, r"`dtype` must be one of \['float16', 'bfloat16'\].*got dtype='float32'"),
+        ({"backend": "triton"}, r"`backend` must be one of \['cusparselt', 'cutlass'\], got backend='triton'"),
+        ({"batch_size": 0}, r"`batch_size` must be an int >= 1, got batch_size=0"),
+        ({"warmup": -1}, r"`warmup` must be an int >= 0, got warmup=-1"),
+        ({"runs": 10}, r"`runs` must be an int >= 50 \(medians of many runs\), got runs=10"),
+        ({"input_shape": [3, 0, 8]}, r"`input_shape` must be None or a list of positive ints.*got input_shape=\[3, 0, 8\]"),
+    ],
+)
+def test_callback_argument_validation(kwargs, match):
+    from lightning_sparse.callbacks import SemiStructuredBenchmark
+
+    with pytest.raises(ValueError, match=match):
+        SemiStructuredBenchmark(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
+def test_callback_skips_on_cpu_and_run_succeeds(tmp_path, caplog):
+    from lightning_sparse.callbacks import SemiStructuredBenchmark
+    from tests.helpers.training import fixed_loader
+
+    model = MLP()
+    cb = SemiStructuredBenchmark(when="both")
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb])
+    loader = fixed_loader(n=32, batch_size=16)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, loader)
+        trainer.test(model, loader, verbose=False)
+    lines = [r.getMessage() for r in caplog.records if "SemiStructuredBenchmark" in r.getMessage()]
+    assert lines == [
+        "SemiStructuredBenchmark (fit_end) skipped: no CUDA device: 2:4 semi-structured sparse kernels need an "
+        "NVIDIA GPU with compute capability >= 8.0.",
+        "SemiStructuredBenchmark (test_end) skipped: no CUDA device: 2:4 semi-structured sparse kernels need an "
+        "NVIDIA GPU with compute capability >= 8.0.",
+    ]
+    assert trainer.state.finished and cb.reports == [] and cb.last_skip_reason.startswith("no CUDA device")
+    assert cb._infer_input_shape(trainer, model) == (1, 8, 8)
+
+
+# ------------------------------------------------------------------------------------- CLI
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
+def test_cli_on_cpu_prints_reason_and_exits_0(capsys):
+    assert benchmark_main(["--linear", "8192x8192", "--batch-size", "4096"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "2:4 semi-structured benchmark skipped: no CUDA device: 2:4 semi-structured sparse kernels need an NVIDIA "
+        "GPU with compute capability >= 8.0."
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--linear", "64x64", "--runs", "10"], "--runs must be >= 50, got 10"),
+        (["--model", "vit_tiny_patch16_224"], "--model needs --random-init"),
+        (["--linear", "64by64"], "--linear must look like INxOUT"),
+        (["--linear", "64x64", "--dtype", "float32"], "invalid choice: 'float32'"),
+    ],
+)
+def test_cli_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark_main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
+def test_runs_without_optional_extras():
+    """As on a GPU box with only torch/timm/lightning: no wandb, jsonargparse or torch_pruning importable.
+
+    (``lightning_sparse.callbacks`` as a package imports Chase -> ``lightning_sparse.slim`` -> torch_pruning,
+    so the callback is checked through its own file's dependencies only: ``_base`` and the plain module.)"""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"wandb", "jsonargparse", "torch_pruning"}:
+                    raise ImportError(f"blocked {name}")
+        sys.meta_path.insert(0, Block())
+        from lightning_sparse.semi_structured import semi_structured_eligibility
+        import lightning_sparse.benchmark as b
+        assert b.main(["--linear", "64x64"]) == 0
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "skipped: no CUDA device" in out.stdout
+
+
+# ------------------------------------------------------------------------------------- GPU (cap >= 8.0)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+@pytest.mark.gpu
+@RunIf(min_gpus=1, min_cuda_capability=(8, 0))
+def test_gpu_conversion_and_parity(dtype, backend):
+    from torch.sparse import SparseSemiStructuredTensor
+
+    if skip_reason(None, dtype, backend) is not None:
+        pytest.skip(skip_reason(None, dtype, backend))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    dense, sparse, converted, skipped = sparsify_model(model, dtype, backend, "cuda")
+    assert converted == ["0", "2"] and [s.name for s in skipped] == ["4"]
+    for name in converted:
+        w_sparse, w_dense = sparse.get_submodule(name).weight, dense.get_submodule(name).weight
+        assert isinstance(w_sparse, SparseSemiStructuredTensor) and w_sparse.BACKEND == backend
+        assert torch.equal(w_sparse.to_dense(), w_dense)
+    x = torch.randn(37, 128, device="cuda", dtype=resolve_dtype(dtype))  # batch not a multiple of 8: padded
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=2e-2, atol=2e-2)
+    assert not isinstance(model[0].weight, SparseSemiStructuredTensor) and model[0].weight.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1, min_cuda_capability=(8, 0))
+def test_gpu_benchmark_report_table():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
+    rep = benchmark_semi_structured(vit, (3, 32, 32), "float16", "cusparselt", batch_size=8, warmup=2, runs=50)
+    assert len(rep.converted) == 4 * len(vit.blocks) and len(rep.layers) == len(rep.converted)
+    assert rep.parity_ok, rep.parity_max_rel_err
+    assert rep.dense_ms > 0 and rep.sparse_ms > 0 and rep.speedup_e2e > 0
+    fc1 = next(t for t in rep.layers if t.name == "blocks.0.mlp.fc1")
+    assert fc1.input_shape == (8, 5, 192) and fc1.weight_shape == (768, 192)  # 4 patches + cls token
+    assert all(len(row) == 6 for row in rep.layer_rows())
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1, min_cuda_capability=(8, 0))
+def test_gpu_callback_runs_and_leaves_model_dense(tmp_path):
+    from lightning_sparse.callbacks import SemiStructuredBenchmark
+    from tests.helpers.training import fixed_loader
+
+    model = MLP()
+    cb = SemiStructuredBenchmark(when="fit_end", batch_size=32, warmup=2, runs=50)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[cb])
+    trainer.fit(model, fixed_loader(n=32, batch_size=16))
+    assert len(cb.reports) == 1 and cb.reports[0].input_shape == (1, 8, 8)
+    assert cb.reports[0].converted == ["net.1", "net.3"]
+    assert nm_violations(model.net[1].weight, 2, 4) > 0 and model.net[1].weight.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@RunIf(min_gpus=1, min_cuda_capability=(8, 0))
+def test_gpu_cli_linear(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert benchmark_main(["--linear", "256x512", "--batch-size", "64", "--runs", "50", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speed-up x" in text and "parity vs dense masked" in text and out.is_file()
