@@ -41,6 +41,16 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - one clear message for any unreadable checkpoint
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({type(err).__name__}). "
+                "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
+            ) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MaskSource", "log_metrics"]
+__all__ = ["MaskSource", "log_metrics", "check_strategy"]
 
 
 @runtime_checkable
@@ -32,3 +32,19 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def check_strategy(trainer: pl.Trainer | None, callback: str) -> None:
+    """Refuse sharded strategies: masks are per full parameter, so FSDP/DeepSpeed shards would break them.
+
+    Raises:
+        ValueError: naming the strategy and what to use instead.
+    """
+    if trainer is None:
+        return
+    name = type(trainer.strategy).__name__
+    if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+        raise ValueError(
+            f"{callback} does not support the sharded strategy {name}: masks cover whole parameters. "
+            "Use a single device or DDP (--trainer.strategy=ddp)."
+        )

@@ -17,7 +17,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import log_metrics
+from lightning_sparse.callbacks._base import check_strategy, log_metrics
 from lightning_sparse.callbacks.dst import DynamicSparsity
 from lightning_sparse.slim import (
     ChannelGroup,
@@ -213,6 +213,7 @@ class Chase(DynamicSparsity):
     # ------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if stage != "fit":
             return
         self._hook_checkpoint_loading(trainer, pl_module)
@@ -468,6 +469,7 @@ class Chase(DynamicSparsity):
 
     @override
     def _run_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._check_finite(step)
         gen = self._generator(step)
         allowed = self.allowed or None
         grads = {n: self._params[n].grad for n in self.masks}

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import log_metrics
+from lightning_sparse.callbacks._base import check_strategy, log_metrics
 from lightning_sparse.sparsity.distributions import DISTRIBUTIONS, layer_counts, layer_densities
 from lightning_sparse.sparsity.dst import GROWTH_MODES, cosine_drop_fraction, drop_grow
 from lightning_sparse.sparsity.masks import (
@@ -158,6 +158,7 @@ class DynamicSparsity(pl.Callback):
     # ------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if stage == "fit" and not self.masks:
             self._run_init_masks(pl_module)
 
@@ -243,7 +244,19 @@ class DynamicSparsity(pl.Callback):
         apply_masks_(self._params, self.masks)
         mask_optimizer_state_(trainer.optimizers, self._params, self.masks)
 
+    def _check_finite(self, step: int) -> None:
+        """Refuse a mask update from NaN/inf weights or gradients (it would pick arbitrary positions)."""
+        for name in self.masks:
+            p = self._params[name]
+            for what, t in (("weight", p), ("gradient", p.grad)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite {what} in {name!r} at step {step}; refusing the mask "
+                        "update (lower the learning rate or enable gradient clipping)."
+                    )
+
     def _run_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._check_finite(step)
         alpha = cosine_drop_fraction(step - self.start_step, self.resolved_stop_step(trainer) - self.start_step,
                                      self.drop_fraction)
         gen = self._generator(step)

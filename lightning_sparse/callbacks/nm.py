@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_sparse.callbacks._base import check_strategy
 from lightning_sparse.sparsity.nm import Layout, bake_nm, check_layout, check_nm, nm_mask, nm_skip_reason, srste
 
 __all__ = ["NMSparsity"]
@@ -125,6 +126,7 @@ class NMSparsity(pl.Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
         if not self._patched:
             self._run_attach(pl_module)
 
