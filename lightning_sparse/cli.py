@@ -4,7 +4,8 @@ Adds to Lightning's CLI:
 - ``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path``
   (:class:`~lightning_sparse.models.ImageClassifier` and :mod:`lightning_sparse.data` in our configs);
 - ``data.num_classes`` / ``data.in_chans`` are linked into the model, so configs state them once;
-- a ``ModelCheckpoint`` under the ``checkpoint`` key (best by ``val/acc`` + ``last.ckpt``);
+- ``ModelCheckpoint``s under the ``checkpoint`` key (best by ``val/acc``) and ``last_checkpoint``
+  (``last.ckpt`` after every epoch; ``--ckpt_path last`` finds it across run versions);
 - ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
   ``runs/<run_name>/``;
 - running without a subcommand does ``fit`` and then ``test`` on the best checkpoint.
@@ -13,6 +14,7 @@ Adds to Lightning's CLI:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -42,6 +44,7 @@ class SparseCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
+        self._resolve_last_checkpoint()
         try:
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - one clear message for any unreadable checkpoint
@@ -51,18 +54,40 @@ class SparseCLI(LightningCLI):
                 "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
             ) from None
 
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``runs/<run_name>/version_*/checkpoints/last.ckpt``.
+
+        Each run logs into a new ``version_N`` directory, so Lightning's own ``"last"`` (which looks in
+        the new run's directory) would find nothing after a crash; this looks across earlier versions.
+        """
+        sub = self.config.get("subcommand")
+        if not sub or self.config[sub].get("ckpt_path") != "last":
+            return
+        cfg = self.config[sub]
+        checkpoint_dir = cfg.get("last_checkpoint", {}).get("dirpath")
+        pattern = f"{checkpoint_dir}/last*.ckpt" if checkpoint_dir else f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints/last*.ckpt"
+        found = sorted(Path().glob(pattern), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path=last: no checkpoint matches {pattern!r} (run_name={cfg.run_name!r}).")
+        cfg.ckpt_path = str(found[-1])
+        rank_zero_info(f"Resuming from {cfg.ckpt_path}")
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # last.ckpt after every epoch, improved or not: what `--ckpt_path last` resumes from
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
 

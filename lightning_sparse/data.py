@@ -5,12 +5,14 @@ from a local directory and a missing directory is an error that names it.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 __all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule"]
 
@@ -28,8 +30,35 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be >= 1, got {name}={v}.")
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles with a permutation that depends only on ``(seed, epoch)``, and hands each index a seed.
+
+    Yields ``(index, item_seed)`` so random augmentation is a function of the epoch too. Lightning calls
+    :meth:`set_epoch` before every epoch, so a run resumed at an epoch boundary sees exactly the batches
+    an uninterrupted run sees (the global RNG state, which Lightning does not checkpoint, plays no part).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 100_003 + self.epoch) * 1_000_003
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(base))
+        return iter([(i, base + k) for k, i in enumerate(perm.tolist())])
+
+
 class _ShiftAugment(Dataset):
-    """Random translation by up to ``max_shift`` pixels (zero padding), applied on tensors."""
+    """Random translation by up to ``max_shift`` pixels (zero padding), applied on tensors.
+
+    Indexed by ``(index, item_seed)`` (from :class:`EpochSampler`) the shift is drawn from ``item_seed``;
+    indexed by a plain int it uses the global RNG.
+    """
 
     def __init__(self, base: TensorDataset, max_shift: int) -> None:
         self.base, self.max_shift = base, max_shift
@@ -37,11 +66,13 @@ class _ShiftAugment(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, item_seed = key if isinstance(key, tuple) else (key, None)
         x, y = self.base[i]
         if self.max_shift:
             s = self.max_shift
-            dx, dy = torch.randint(-s, s + 1, (2,)).tolist()
+            gen = torch.Generator().manual_seed(item_seed) if item_seed is not None else None
+            dx, dy = torch.randint(-s, s + 1, (2,), generator=gen).tolist()
             x = torch.roll(F.pad(x, (s, s, s, s)), shifts=(dy, dx), dims=(1, 2))[:, s:-s, s:-s]
         return x, y
 
@@ -118,7 +149,14 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.split_seed))  # the run's seed_everything value
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(self.train_set), seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
