@@ -78,7 +78,8 @@ def plot_sad(history: Mapping[str, Any]) -> Figure:
     steps = list(history["step"])
     fig = _new_figure(7.0, 5.0)
     ax_step, ax_init = fig.subplots(2, 1, sharex=True)
-    ax_step.plot(steps, history["sad_norm"], marker=".", color="tab:blue")
+    # the first measurement has no predecessor (its step-to-step SAD is 0 by definition): not drawn
+    ax_step.plot(steps[1:], history["sad_norm"][1:], marker=".", color="tab:blue")
     ax_step.set_ylabel("SAD vs previous\n(fraction)")
     ax_step.set_title("Sparse architecture divergence")
     ax_init.plot(steps, history["sad_vs_init_norm"], marker=".", color="tab:orange")

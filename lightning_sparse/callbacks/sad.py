@@ -189,6 +189,13 @@ class SADTracker(pl.Callback):
         self._last_step = int(state_dict["last_step"])
         self.history = copy.deepcopy(state_dict["history"])
 
+    def reference_nbytes(self) -> int:
+        """Bytes held by the packed reference masks (initial + previous; shared storage counted once)."""
+        seen: dict[int, int] = {}
+        for bits in (*self._init.values(), *self._prev.values()):
+            seen[bits.untyped_storage().data_ptr()] = bits.untyped_storage().nbytes()
+        return sum(seen.values())
+
     # ------------------------------------------------------------------------------------------- work
 
     def _run_setup(self, trainer: pl.Trainer) -> None:
