@@ -290,6 +290,16 @@ def _wandb_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def test_fast_dev_run_writes_no_figures(tiny_net: pl.LightningModule, digits_small: Any, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracker = SADTracker(interval=1, mask_fn=topk_masks)
+    pl.Trainer(fast_dev_run=2, callbacks=[tracker], accelerator="cpu", enable_progress_bar=False,
+               enable_model_summary=False).fit(tiny_net, _loader(digits_small))
+    assert tracker.history["step"] == [0, 1, 2]
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_wandb_offline_run_holds_sad_history(tiny_net: pl.LightningModule, digits_small: Any, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
@@ -373,3 +383,26 @@ def test_no_mask_source(tiny_net: pl.LightningModule, digits_small: Any, tmp_pat
            r"`current_masks\(pl_module\)`.*`mask_fn=`")
     with pytest.raises(ValueError, match=msg):
         _trainer(tmp_path, [SADTracker(interval=1)]).fit(tiny_net, _loader(digits_small))
+
+
+# ------------------------------------------------------------------------------ SR-STE paper finding
+
+
+@pytest.mark.slow
+def test_srste_ends_with_lower_sad_than_ste() -> None:
+    """SR-STE paper (arXiv 2102.04010, Sec. 4): with the same seed and schedule, SR-STE's N:M masks
+    move less at the end of training than vanilla STE's (lower last-epoch step-to-step SAD)."""
+    pytest.importorskip("lightning_sparse.callbacks.nm", reason="needs NMSparsity (lightning_sparse.callbacks.nm)")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sad_srste_vs_ste.py"
+    spec = importlib.util.spec_from_file_location("sad_srste_vs_ste", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    results = bench.compare(epochs=3, image_size=16, interval=5, decay=0.1)
+    srste, ste = results["srste"], results["ste"]
+    assert srste["steps"] == ste["steps"] and srste["history"]["step"] == ste["history"]["step"]
+    assert ste["last_epoch_sad_norm"] > 0, "vanilla STE masks must still move in the last epoch"
+    assert results["ratio"] < 1.0, results["ratio"]
+    assert min(srste["val_acc"], ste["val_acc"]) > 0.3  # both trained (10 classes: chance is 0.1)

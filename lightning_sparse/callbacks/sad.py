@@ -75,7 +75,8 @@ class SADTracker(pl.Callback):
 
     Figures (:mod:`lightning_sparse.plots`: SAD curves, per-layer density heatmap, active channels) are
     written on rank zero to ``<trainer.log_dir>/figures/*.png`` at the end of fit and every
-    ``plot_every_n_epochs`` epochs, and logged as images to every attached ``WandbLogger``.
+    ``plot_every_n_epochs`` epochs (overwriting, so the files show the latest state), and logged as
+    images (keys ``figures/<name>``) to every attached ``WandbLogger``. ``fast_dev_run`` writes none.
 
     Args:
         interval: measure every ``interval`` optimizer steps (int ≥ 1).
@@ -340,6 +341,8 @@ class SADTracker(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _run_plots(self, trainer: pl.Trainer) -> list[Path]:
+        if trainer.fast_dev_run:  # like Lightning's checkpoints and loggers: smoke runs write no files
+            return []
         log_dir = trainer.log_dir or trainer.default_root_dir  # collective call: every rank asks
         if not trainer.is_global_zero or not self.history["step"]:
             return []
