@@ -136,7 +136,7 @@ def test_several_sources_are_merged_with_and(tiny_net: pl.LightningModule) -> No
     a = Source({"x": torch.tensor([True, True, False]), "y": torch.tensor([True])})
     b = Source({"x": torch.tensor([True, False, False]), "z": torch.tensor([False])})
     tracker = SADTracker(interval=1)
-    tracker.setup(SimpleNamespace(callbacks=[a, tracker, b]), tiny_net, "fit")
+    tracker.setup(SimpleNamespace(callbacks=[a, tracker, b], strategy=None), tiny_net, "fit")
     merged = tracker.collect_masks(tiny_net)
     assert merged.keys() == {"x", "y", "z"}
     assert merged["x"].tolist() == [True, False, False]
@@ -151,7 +151,7 @@ def test_sources_disagreeing_on_shape(tiny_net: pl.LightningModule) -> None:
             return {"x": torch.ones(self.n, dtype=torch.bool)}
 
     tracker = SADTracker(interval=1)
-    tracker.setup(SimpleNamespace(callbacks=[Source(2), Source(3)]), tiny_net, "fit")
+    tracker.setup(SimpleNamespace(callbacks=[Source(2), Source(3)], strategy=None), tiny_net, "fit")
     with pytest.raises(ValueError, match=r"Mask sources disagree on the shape of 'x': \(2,\) vs \(3,\)"):
         tracker.collect_masks(tiny_net)
 
@@ -190,6 +190,41 @@ def test_shape_change_resets_that_layer(tiny_net: pl.LightningModule) -> None:
     assert math.isnan(h["layer_density"]["b"][-1])
     assert h["layer_density"]["c"][-1] == 1.0 and all(math.isnan(v) for v in h["layer_density"]["c"][:3])
     assert h["layer_sad"]["c"][-1] == 0 and set(tracker.state_dict()["prev"]) == {"a", "c"}
+
+
+def test_with_dynamic_sparsity(tiny_net: pl.LightningModule, tmp_path: Path) -> None:
+    """Real explicit masks: SAD moves once per DST update (every 3 steps), density stays constant."""
+    from helpers.training import fixed_loader, trainer
+
+    from lightning_sparse.callbacks import DynamicSparsity
+
+    dst = DynamicSparsity(density=0.3, growth="random", update_interval=3, stop_step=100)
+    tracker = SADTracker(interval=1)
+    trainer(tmp_path, 9, [dst, tracker]).fit(tiny_net, fixed_loader())
+    h = tracker.history
+    moved = [step for step, s in zip(h["step"], h["sad"]) if s > 0]
+    assert len(moved) == 2 and moved[1] - moved[0] == 3  # updates at 2 of the 9 steps, 3 steps apart
+    assert set(h["layer_density"]) == set(dst.masks)
+    assert max(h["density"]) - min(h["density"]) < 1e-9  # DST keeps every layer's count
+
+
+def test_with_chase_slimming_resets_and_channels(tiny_net: pl.LightningModule, tmp_path: Path) -> None:
+    """Chase removes channels (masks change shape): references reset, channel history is recorded."""
+    from helpers.training import fixed_loader, trainer
+
+    from lightning_sparse.callbacks import Chase
+
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1,
+                  stop_gmp_epochs=2, stop_dst_epochs=1, update_interval=4, input_shape=(1, 8, 8))
+    tracker = SADTracker(interval=2)
+    with pytest.warns(UserWarning, match="changed shape"):
+        trainer(tmp_path, 18, [chase, tracker], max_epochs=3).fit(tiny_net, fixed_loader())
+    h = tracker.history
+    assert h["resets"], "slimming changes mask shapes"
+    channels = h["channels"]
+    assert channels and set(channels) >= set(chase.active_channels())
+    assert sum(v[-1] for v in channels.values()) < sum(v[0] for v in channels.values())
+    assert h["sad"][-1] >= 0 and len(h["step"]) == 10
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -324,6 +359,8 @@ def test_wandb_offline_run_holds_sad_history(tiny_net: pl.LightningModule, digit
     assert sorted(logged) == h["step"] == [0, 2, 4]
     assert [logged[s]["sad/global"] for s in h["step"]] == h["sad"]
     assert [logged[s]["sad/global_vs_init_norm"] for s in h["step"]] == pytest.approx(h["sad_vs_init_norm"])
+    # with mask_fn the tracker also logs sparsity (pruned fraction) like the mask-source callbacks do
+    assert [logged[s]["sparsity/global"] for s in h["step"]] == pytest.approx([1 - d for d in h["density"]])
     images = list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert {p.name.split("_")[0] for p in images} >= {"sad", "density"}
 

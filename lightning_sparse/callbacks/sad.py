@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSource
+from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
 from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount_tensor
 
 __all__ = ["SADTracker", "MaskFn"]
@@ -52,8 +52,9 @@ class SADTracker(pl.Callback):
     - ``sad/cumulative``: running sum of ``sad/global``;
     - ``sad/density``: global fraction of kept weights;
     - ``sad/<param>`` (``per_layer=True``): per-layer SAD vs the previous measurement;
-    - ``sparsity/global`` and ``sparsity/<param>`` (density, i.e. kept fraction) **only with** ``mask_fn``:
-      mask-source callbacks log their own ``sparsity/*``, so the tracker does not log those keys twice.
+    - ``sparsity/global`` and ``sparsity/<param>`` (pruned fraction, 1 - density, as the mask sources log
+      them) **only with** ``mask_fn``: mask-source callbacks log their own ``sparsity/*``, so the tracker
+      does not log those keys twice.
       Per-layer densities always go into :attr:`history` for the heatmap.
 
     Where the masks come from: ``mask_fn(pl_module)`` if given; otherwise every callback on
@@ -200,6 +201,7 @@ class SADTracker(pl.Callback):
     # ------------------------------------------------------------------------------------------- work
 
     def _run_setup(self, trainer: pl.Trainer) -> None:
+        check_strategy(trainer, "SADTracker")
         others = [cb for cb in trainer.callbacks if not isinstance(cb, SADTracker)]
         self._channel_sources = [cb for cb in others if callable(getattr(cb, "active_channels", None))]
         if self.mask_fn is not None:
@@ -334,11 +336,10 @@ class SADTracker(pl.Callback):
         if self.per_layer:
             metrics.update({f"sad/{n}": float(v) for n, v in layer_sad.items()})
         if self.mask_fn is not None:  # no mask-source callback logs these for us
-            metrics["sparsity/global"] = global_density
+            metrics["sparsity/global"] = 1.0 - global_density
             if self.per_layer:
-                metrics.update({f"sparsity/{n}": d for n, d in density.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+                metrics.update({f"sparsity/{n}": 1.0 - d for n, d in density.items()})
+        log_metrics(trainer, metrics)
 
     def _run_plots(self, trainer: pl.Trainer) -> list[Path]:
         if trainer.fast_dev_run:  # like Lightning's checkpoints and loggers: smoke runs write no files
