@@ -48,8 +48,12 @@ def run(
     image_size: int = 16,
     batch_size: int = 64,
     lr: float = 0.1,
+    out_dir: str = "runs/sad_srste_vs_ste",
 ) -> dict[str, Any]:
-    """Train once with ``NMSparsity(mode=mode)`` and return SAD statistics and accuracy."""
+    """Train once with ``NMSparsity(mode=mode)``; return SAD statistics and accuracy.
+
+    The tracker's figures go to ``<out_dir>/<mode>/figures/*.png``.
+    """
     from lightning_sparse.callbacks.nm import NMSparsity
 
     pl.seed_everything(seed, workers=True)
@@ -58,6 +62,7 @@ def run(
     tracker = SADTracker(interval=interval)
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        default_root_dir=f"{out_dir}/{mode}",
         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         callbacks=[NMSparsity(n=n, m=m, mode=mode, decay=decay), tracker],
     )
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--out-dir", default="runs/sad_srste_vs_ste", help="figures: <out-dir>/<mode>/figures")
     args = parser.parse_args(argv)
     results = compare(**{k.replace("-", "_"): v for k, v in vars(args).items()})
     print(f"\n{args.n}:{args.m} {args.model_name}, {args.epochs} epochs, λ_W={args.decay}, seed {args.seed}")

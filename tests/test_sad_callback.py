@@ -426,7 +426,7 @@ def test_no_mask_source(tiny_net: pl.LightningModule, digits_small: Any, tmp_pat
 
 
 @pytest.mark.slow
-def test_srste_ends_with_lower_sad_than_ste() -> None:
+def test_srste_ends_with_lower_sad_than_ste(tmp_path: Path) -> None:
     """SR-STE paper (arXiv 2102.04010, Sec. 4): with the same seed and schedule, SR-STE's N:M masks
     move less at the end of training than vanilla STE's (lower last-epoch step-to-step SAD)."""
     pytest.importorskip("lightning_sparse.callbacks.nm", reason="needs NMSparsity (lightning_sparse.callbacks.nm)")
@@ -437,9 +437,10 @@ def test_srste_ends_with_lower_sad_than_ste() -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    results = bench.compare(epochs=3, image_size=16, interval=5, decay=0.1)
+    results = bench.compare(epochs=3, image_size=16, interval=5, decay=0.1, out_dir=str(tmp_path))
     srste, ste = results["srste"], results["ste"]
     assert srste["steps"] == ste["steps"] and srste["history"]["step"] == ste["history"]["step"]
     assert ste["last_epoch_sad_norm"] > 0, "vanilla STE masks must still move in the last epoch"
     assert results["ratio"] < 1.0, results["ratio"]
     assert min(srste["val_acc"], ste["val_acc"]) > 0.3  # both trained (10 classes: chance is 0.1)
+    assert (tmp_path / "srste" / "figures" / "sad.png").is_file()
