@@ -117,8 +117,7 @@ CLI_CASES = [
     ("bad YAML value", ["--config", "configs/quickstart.yaml", "--trainer.max_epochs=abc"], "max_epochs"),
     ("unknown config key", ["--config", "configs/quickstart.yaml", "--model.init_args.depth=3"], "depth"),
     ("missing config file", ["--config", "configs/nope.yaml"], "nope.yaml"),
-    ("density out of range in YAML", ["--config", "configs/quickstart_rigl.yaml",
-     "--trainer.callbacks.init_args.density=2"], "density=2"),
+    ("density out of range in YAML", ["--config", "bad_density.yaml"], "density=2"),
     ("missing data directory", ["--config", "configs/cifar10_resnet18.yaml", "--data.init_args.data_dir=no_cifar",
      "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32"], "no_cifar/cifar-10-batches-py"),
     ("corrupt checkpoint to resume from", ["fit", "--config", "configs/debug.yaml", "--ckpt_path=corrupt.ckpt"],
@@ -130,6 +129,8 @@ CLI_CASES = [
 def test_cli_bad_input_exits_nonzero_without_leftovers(tmp_path, case, args, needle):
     (tmp_path / "corrupt.ckpt").write_bytes(b"\x00garbage")
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    rigl = (ROOT / "configs" / "quickstart_rigl.yaml").read_text()
+    (tmp_path / "bad_density.yaml").write_text(rigl.replace("density: 0.1", "density: 2", 1))
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert proc.returncode != 0
