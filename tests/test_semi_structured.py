@@ -260,10 +260,27 @@ def test_callback_skips_on_cpu_and_run_succeeds(tmp_path, caplog):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[cb])
     loader = fixed_loader(n=32, batch_size=16)
-    with caplog.at_level(logging.INFO):
+
+    class Collect(logging.Handler):  # attached to Lightning's rank-zero logger itself: no reliance on propagation
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    handler = Collect()
+    rank_zero_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    old_level = rank_zero_logger.level
+    rank_zero_logger.addHandler(handler)
+    rank_zero_logger.setLevel(logging.INFO)
+    try:
         trainer.fit(model, loader)
         trainer.test(model, loader, verbose=False)
-    lines = [r.getMessage() for r in caplog.records if "SemiStructuredBenchmark" in r.getMessage()]
+    finally:
+        rank_zero_logger.removeHandler(handler)
+        rank_zero_logger.setLevel(old_level)
+    lines = [r.getMessage() for r in handler.records if "SemiStructuredBenchmark" in r.getMessage()]
     assert lines == [
         "SemiStructuredBenchmark (fit_end) skipped: no CUDA device: 2:4 semi-structured sparse kernels need an "
         "NVIDIA GPU with compute capability >= 8.0.",
