@@ -36,7 +36,7 @@ from lightning_sparse.sparsity.channels import (
     select_channels_to_remove,
 )
 from lightning_sparse.sparsity.dst import cosine_drop_fraction, drop_grow, global_grow, global_magnitude_prune
-from lightning_sparse.sparsity.masks import apply_masks_, global_density, mask_grads_, mask_optimizer_state_
+from lightning_sparse.sparsity.masks import apply_masks_, global_density, mask_grads_
 
 __all__ = ["Chase"]
 
@@ -242,13 +242,13 @@ class Chase(DynamicSparsity):
             self._run_channel_removal(trainer, pl_module, step)
         if self._is_update_step(step, trainer):
             self._run_update(trainer, pl_module, step)
-        mask_grads_(self._params, self._enforced_masks())
+        mask_grads_(self._params, self._multipliers())
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._enforce(trainer)
+        apply_masks_(self._params, self._multipliers())
         if self._pending_slim:
             self._run_slim(trainer, pl_module)
 
@@ -313,6 +313,7 @@ class Chase(DynamicSparsity):
             )
 
     # ----------------------------------------------------------------------------------- internals
+    @override
     def _enforced_masks(self) -> dict[str, torch.Tensor]:
         """Masks of the sparse layers plus the zero-slices of removed channels in other parameters."""
         out = dict(self.masks)
@@ -322,18 +323,13 @@ class Chase(DynamicSparsity):
 
     @override
     def _refresh_params(self, pl_module: pl.LightningModule) -> None:
+        self._mult = None
         named = dict(pl_module.named_parameters())
         self._params = {k: named[k] for k in {*self.masks, *self.allowed}}
         for store in (self.masks, self.allowed):
             for k, m in store.items():
                 if m.device != named[k].device:
                     store[k] = m.to(named[k].device)
-
-    @override
-    def _enforce(self, trainer: pl.Trainer) -> None:
-        masks = self._enforced_masks()
-        apply_masks_(self._params, masks)
-        mask_optimizer_state_(trainer.optimizers, self._params, masks)
 
     def _run_find_candidates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:

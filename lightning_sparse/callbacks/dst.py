@@ -123,6 +123,7 @@ class DynamicSparsity(pl.Callback):
         self.masks: Masks = {}
         self.num_updates = 0
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._mult: dict[str, torch.Tensor] | None = None
 
     @property
     @override
@@ -176,13 +177,15 @@ class DynamicSparsity(pl.Callback):
         step = trainer.global_step
         if self._is_update_step(step, trainer):
             self._run_update(trainer, pl_module, step)
-        mask_grads_(self._params, self.masks)
+        mask_grads_(self._params, self._multipliers())
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._enforce(trainer)
+        # Weights only: with masked gradients, optimizer state at masked positions stays 0 by itself;
+        # it is zeroed explicitly whenever the masks change (see ``_enforce``).
+        apply_masks_(self._params, self._multipliers())
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -198,7 +201,19 @@ class DynamicSparsity(pl.Callback):
         self.num_updates = int(state_dict["num_updates"])
 
     # ----------------------------------------------------------------------------------- internals
+    def _enforced_masks(self) -> Masks:
+        """The masks applied to parameters (Chase adds the zero-slices of removed channels)."""
+        return self.masks
+
+    def _multipliers(self) -> dict[str, torch.Tensor]:
+        """Masks as 0/1 tensors of each parameter's dtype, cached: multiplying by them is ~3x faster
+        than by bool masks, and it runs twice per step (gradients, weights)."""
+        if self._mult is None:
+            self._mult = {k: m.to(self._params[k].dtype) for k, m in self._enforced_masks().items()}
+        return self._mult
+
     def _refresh_params(self, pl_module: pl.LightningModule) -> None:
+        self._mult = None
         named = dict(pl_module.named_parameters())
         self._params = {k: named[k] for k in self.masks}
         for k, m in self.masks.items():
@@ -241,8 +256,10 @@ class DynamicSparsity(pl.Callback):
         )
 
     def _enforce(self, trainer: pl.Trainer) -> None:
-        apply_masks_(self._params, self.masks)
-        mask_optimizer_state_(trainer.optimizers, self._params, self.masks)
+        """After any mask change: zero masked weights and every optimizer state tensor there."""
+        self._mult = None
+        apply_masks_(self._params, self._multipliers())
+        mask_optimizer_state_(trainer.optimizers, self._params, self._enforced_masks())
 
     def _check_finite(self, step: int) -> None:
         """Refuse a mask update from NaN/inf weights or gradients (it would pick arbitrary positions)."""
