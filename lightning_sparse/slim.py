@@ -26,7 +26,7 @@ Example:
     >>> groups = channel_candidates(model, x)
     >>> sorted(groups)[:2], ("layer1.0.bn1.weight", 0) in groups["layer1.0.conv1"].params
     (['layer1.0.conv1', 'layer1.1.conv1'], True)
-    >>> res = slim_model(model, {"layer1.0.conv1": [0, 1, 2]}, x)
+    >>> res = slim_model(model, {"layer1.0.conv1": [0, 1, 2]}, x, return_result=True)
     >>> model.layer1[0].conv1.out_channels, model.layer1[0].conv2.in_channels
     (61, 61)
     >>> res.kept["layer1.0.conv2.weight"][1][:3].tolist()  # dim 1 (input channels) kept 3, 4, 5, ...
@@ -345,8 +345,12 @@ def slim_model(
     example_inputs: torch.Tensor,
     round_to: int | None = None,
     include_residual: bool = False,
-) -> SlimResult:
+    return_result: bool = False,
+) -> nn.Module | SlimResult:
     """Physically remove output channels of candidate convs (in place), with everything tied to them.
+
+    Returns the model (slimmed in place); with ``return_result=True`` a :class:`SlimResult` that also
+    records the removed and kept indices of every tensor.
 
     Each conv in ``removed`` loses those output channels, its bias, the matching BN channels (weights,
     bias, running stats), depthwise convs that follow channel-wise, and the consumer's input channels.
@@ -370,7 +374,8 @@ def slim_model(
         include_residual: allow convs coupled through residual sums (see :func:`channel_candidates`).
 
     Returns:
-        :class:`SlimResult` with the model, the removed indices and the kept indices of every tensor.
+        The slimmed model, or with ``return_result=True`` a :class:`SlimResult` (model, removed and kept
+        indices of every tensor).
 
     Raises:
         ValueError: naming the layer, when it does not exist, is not a candidate (residual, grouped,
@@ -389,7 +394,7 @@ def slim_model(
             todo[name] = idx
     result = SlimResult(model=model)
     if not todo:
-        return result
+        return result if return_result else model
     graph = _build_graph(model, example_inputs)
     names = {m: n for n, m in modules.items()}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -444,7 +449,7 @@ def slim_model(
         p.requires_grad_(requires_grad.get(n, True))
     for (n, d), k in sorted(kept_lists.items()):
         result.kept.setdefault(n, {})[d] = torch.tensor(k, dtype=torch.long)
-    return result
+    return result if return_result else model
 
 
 # ------------------------------------------------------------------------------- architecture records

@@ -81,7 +81,7 @@ def test_group_indices_flatten_into_linear():
     assert idx["5.weight"][0] == 1 and idx["5.weight"][1].tolist() == [4, 5, 6, 7]
     zero_channels(model, groups["0"], [1, 3])
     ref = model(x)
-    res = slim_model(model, {"0": [1, 3]}, x)
+    res = slim_model(model, {"0": [1, 3]}, x, return_result=True)
     assert model[5].in_features == 8 and res.kept["5.weight"][1].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
     assert res.kept["0.weight"][0].tolist() == [0, 2] and list(res.kept["5.weight"]) == [1]
     torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
@@ -107,7 +107,7 @@ def test_slim_preserves_logits(arch):
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     ref = model(x)
     assert not torch.allclose(ref, dense_ref, atol=1e-4)  # zeroing did something the slimming must keep
-    res = slim_model(model, removed, x[:1])
+    res = slim_model(model, removed, x[:1], return_result=True)
     out = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name, idx in removed.items():
@@ -131,10 +131,10 @@ def test_slim_without_zeroing_changes_outputs():
 def test_round_to_keeps_trailing_requests():
     model = _model("resnet18")
     order = [63, 5, 7, 1, 2, 3, 4, 0, 9, 10, 11, 12, 13]  # 13 requested, priority order
-    res = slim_model(model, {"layer1.0.conv1": order}, torch.randn(1, 3, SIZE, SIZE), round_to=8)
+    res = slim_model(model, {"layer1.0.conv1": order}, torch.randn(1, 3, SIZE, SIZE), round_to=8, return_result=True)
     assert model.layer1[0].conv1.out_channels == 56 and model.layer1[0].conv2.in_channels == 56
     assert res.removed["layer1.0.conv1"] == sorted(order[:8])
-    untouched = slim_model(model, {"layer1.1.conv1": [0, 1, 2]}, torch.randn(1, 3, SIZE, SIZE), round_to=8)
+    untouched = slim_model(model, {"layer1.1.conv1": [0, 1, 2]}, torch.randn(1, 3, SIZE, SIZE), round_to=8, return_result=True)
     assert model.layer1[1].conv1.out_channels == 64 and untouched.removed == {}
 
 
@@ -261,7 +261,7 @@ def test_tensor_slimmed_on_both_dims():
     zero_channels(model, groups["0"], [1, 4])
     zero_channels(model, groups["2"], [0])
     before, ref = model[2].weight.detach().clone(), model(x)
-    res = slim_model(model, {"2": [0], "0": [4, 1]}, x)
+    res = slim_model(model, {"2": [0], "0": [4, 1]}, x, return_result=True)
     assert sorted(res.kept["2.weight"]) == [0, 1] and res.kept["2.weight"][1].tolist() == [0, 2, 3, 5]
     torch.testing.assert_close(model[2].weight, res.slice("2.weight", before), rtol=0, atol=0)
     torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)

@@ -506,7 +506,8 @@ class Chase(DynamicSparsity):
         if not todo:
             return
         old_params = dict(pl_module.named_parameters())
-        result = slim_model(pl_module, todo, self.example_inputs(trainer, pl_module), round_to=self.round_to)
+        result = slim_model(pl_module, todo, self.example_inputs(trainer, pl_module), round_to=self.round_to,
+                            return_result=True)
         new_params = dict(pl_module.named_parameters())
         for layer, idx in result.removed.items():
             original = self._original_channels(layer)
