@@ -36,7 +36,7 @@ from lightning_sparse.sparsity.channels import (
     select_channels_to_remove,
 )
 from lightning_sparse.sparsity.dst import cosine_drop_fraction, drop_grow, global_grow, global_magnitude_prune
-from lightning_sparse.sparsity.masks import apply_masks_, global_density, mask_grads_
+from lightning_sparse.sparsity.masks import global_density
 
 __all__ = ["Chase"]
 
@@ -237,18 +237,15 @@ class Chase(DynamicSparsity):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
-        if self._is_channel_step(trainer, step):
-            self._run_channel_removal(trainer, pl_module, step)
-        if self._is_update_step(step, trainer):
-            self._run_update(trainer, pl_module, step)
-        mask_grads_(self._params, self._multipliers())
+        if self._is_channel_step(trainer, trainer.global_step):
+            self._run_channel_removal(trainer, pl_module, trainer.global_step)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # DST update + gradient masking
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        apply_masks_(self._params, self._multipliers())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._pending_slim:
             self._run_slim(trainer, pl_module)
 
