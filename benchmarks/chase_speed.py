@@ -6,7 +6,7 @@ global selection and per-layer floors (beta) removes channels until S_c of the c
 gone; then :func:`slim_model` deletes them (after zeroing, so logits are checked to be unchanged).
 
     PYTHONPATH=. python benchmarks/chase_speed.py                      # CPU, 224 px, batch 32, fp32
-    PYTHONPATH=. python benchmarks/chase_speed.py --channels-last --round-to 8
+    PYTHONPATH=. python benchmarks/chase_speed.py --channels-last --fuse-bn --per-layer
     PYTHONPATH=. python benchmarks/chase_speed.py --device cuda --dtype float16 --channels-last
 
 Prints the FLOPs ratio (slim / dense), the measured speedup (dense time / slim time, medians of
@@ -109,16 +109,24 @@ def per_layer(models: dict[str, nn.Module], x: torch.Tensor, top: int = 12) -> N
                 hooks.append(m.register_forward_hook(lambda mod, inp, out, n=name: acc.__setitem__(n, time.perf_counter() - starts[n])))
         with torch.inference_mode():
             model(x)
+            t0 = time.perf_counter()
             model(x)
+            acc["<whole forward>"] = time.perf_counter() - t0
         for h in hooks:
             h.remove()
         res[key] = acc
     dense, slim = res["dense"], res["slim"]
+    whole = (dense.pop("<whole forward>"), slim.pop("<whole forward>"))
     print(f"\nper-conv wall time (top {top} dense), ms: dense / slim / ratio")
     for n in sorted(dense, key=dense.get, reverse=True)[:top]:
         print(f"  {n:28s} {dense[n] * 1e3:8.2f} {slim[n] * 1e3:8.2f} {slim[n] / dense[n]:6.2f}")
     print(f"  {'all convs':28s} {sum(dense.values()) * 1e3:8.2f} {sum(slim.values()) * 1e3:8.2f} "
           f"{sum(slim.values()) / sum(dense.values()):6.2f}")
+    rest = (whole[0] - sum(dense.values()), whole[1] - sum(slim.values()))
+    print(f"  {'non-conv (BN, act, add, pool)':28s} {rest[0] * 1e3:8.2f} {rest[1] * 1e3:8.2f} {rest[1] / rest[0]:6.2f}")
+    print(f"  {'whole forward':28s} {whole[0] * 1e3:8.2f} {whole[1] * 1e3:8.2f} {whole[1] / whole[0]:6.2f}")
+    small = [n for n in slim if n in dense and slim[n] / dense[n] > 0.9 and "conv3" not in n and "downsample" not in n]
+    print(f"  convs not shrinking (excl. conv3/downsample): {len(small)}")
 
 
 def main() -> None:
@@ -139,6 +147,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--per-layer", action="store_true", help="also print per-conv times")
+    p.add_argument("--fuse-bn", action="store_true",
+                   help="fold eval BatchNorm into the convs (torch.fx) for both models, as deployment would")
     p.add_argument("--seed", type=int, default=17)
     args = p.parse_args()
     if args.threads:
@@ -160,6 +170,10 @@ def main() -> None:
     rep = slim_report(dense, slim, (1, 3, args.size, args.size))
     flops_ratio = rep["flops"]["ratio"]
 
+    if args.fuse_bn:
+        from torch.fx.experimental.optimization import fuse
+
+        dense, slim = fuse(dense), fuse(slim)
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     models = {k: m.to(device=args.device, dtype=dtype, memory_format=fmt) for k, m in (("dense", dense), ("slim", slim))}
@@ -168,7 +182,7 @@ def main() -> None:
     speedup = t["dense"] / t["slim"]
     flops_speedup = 1.0 / flops_ratio
     print(f"\n{args.arch} {args.size}px batch {args.batch} {args.device} {args.dtype} "
-          f"channels_last={args.channels_last} round_to={args.round_to} threads={torch.get_num_threads()}")
+          f"channels_last={args.channels_last} fuse_bn={args.fuse_bn} round_to={args.round_to} threads={torch.get_num_threads()}")
     print(f"params  dense {rep['params']['dense'] / 1e6:.2f}M  slim {rep['params']['slim'] / 1e6:.2f}M  "
           f"ratio {rep['params']['ratio']:.3f}")
     print(f"GFLOPs/img dense {rep['flops']['dense'] / 1e9:.2f}  slim {rep['flops']['slim'] / 1e9:.2f}")
