@@ -381,9 +381,10 @@ class Chase(DynamicSparsity):
     def _layer_scores(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """UMM scores and active flags of every candidate layer, in the current (maybe slimmed) indexing."""
         scores, active = {}, {}
+        masks = self._enforced_masks()
         for layer, group in self.groups.items():
             name = f"{layer}.weight"
-            scores[layer] = channel_scores(self._params[name], self._enforced_masks()[name], self.score).cpu()
+            scores[layer] = channel_scores(self._params[name], masks[name], self.score).cpu()
             act = torch.ones(group.channels, dtype=torch.bool)
             gone = self._current_index(layer, self.removed.get(layer, []))
             act[gone] = False
@@ -497,7 +498,8 @@ class Chase(DynamicSparsity):
         self._pending_slim = False
         todo = {}
         for layer, removed in self.removed.items():
-            pending = [c for c in removed if c not in set(self.slimmed.get(layer, []))]
+            done = set(self.slimmed.get(layer, []))
+            pending = [c for c in removed if c not in done]
             if pending:
                 todo[layer] = self._current_index(layer, pending)
         if not todo:
@@ -529,10 +531,11 @@ class Chase(DynamicSparsity):
     @staticmethod
     def _swap_optimizer_params(trainer: pl.Trainer, old: dict, new: dict, result: Any) -> None:
         """Point every optimizer at the new Parameter objects, slicing their state like the weights."""
+        names = {p: n for n, p in old.items()}  # Parameters hash by identity
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 for i, p in enumerate(group["params"]):
-                    name = next((n for n, q in old.items() if q is p), None)
+                    name = names.get(p)
                     if name is None or new[name] is p:
                         continue
                     group["params"][i] = new[name]
