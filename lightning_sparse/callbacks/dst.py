@@ -199,6 +199,7 @@ class DynamicSparsity(pl.Callback):
         device = {k: p.device for k, p in self._params.items()}
         self.masks = {k: v.to(device.get(k, "cpu")).bool() for k, v in state_dict["masks"].items()}
         self.num_updates = int(state_dict["num_updates"])
+        self._mult = None
 
     # ----------------------------------------------------------------------------------- internals
     def _enforced_masks(self) -> Masks:
