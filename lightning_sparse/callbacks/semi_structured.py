@@ -16,10 +16,13 @@ from lightning_sparse.semi_structured import (
     DTYPES,
     LAYER_COLUMNS,
     MIN_RUNS,
+    RUNNERS,
     Backend,
+    NothingConverted,
     SemiStructuredReport,
     benchmark_semi_structured,
     format_report,
+    resolve_device,
     skip_reason,
 )
 
@@ -40,8 +43,9 @@ class SemiStructuredBenchmark(pl.Callback):
     logged as scalars ``semi/speedup_e2e``, ``semi/dense_img_s``, ``semi/sparse_img_s``, ... to every
     logger, and as a ``semi/layers`` table to W&B when a ``WandbLogger`` is attached.
 
-    On CPU, a GPU below compute capability 8.0, or a model without an eligible linear, it logs one line
-    saying why it skipped and the run goes on.
+    On CPU, a GPU the backend does not support (cuSPARSELt: capability >= 8.0; CUTLASS: 8.x), or a model
+    where no linear is eligible or converts, it logs one line saying why it skipped and the run goes on.
+    A failed parity check is a warning that names the worst layer.
 
     Args:
         when: ``"fit_end"``, ``"test_end"`` or ``"both"``.
@@ -53,6 +57,9 @@ class SemiStructuredBenchmark(pl.Callback):
         input_shape: one sample's shape, e.g. ``[3, 224, 224]``; default: ``example_input_array`` of the
             module, else the first batch of the train/val/test dataloader.
         layers: also time every converted linear on its own.
+        runner: ``"eager"`` (Python dispatch included), ``"cuda-graph"`` (replays a captured CUDA graph: the
+            kernels alone) or ``"compile"`` (``torch.compile``).
+        search: cuSPARSELt algorithm search per layer at its input shape.
 
     Raises:
         ValueError: for invalid arguments.
@@ -73,9 +80,16 @@ class SemiStructuredBenchmark(pl.Callback):
         runs: int = MIN_RUNS,
         input_shape: Sequence[int] | None = None,
         layers: bool = True,
+        runner: str = "eager",
+        search: bool = False,
     ) -> None:
         super().__init__()
         self._validate(when, dtype, backend, batch_size, warmup, runs, input_shape)
+        if runner not in RUNNERS:
+            raise ValueError(f"`runner` must be one of {list(RUNNERS)}, got runner={runner!r}.")
+        if search and backend != "cusparselt":
+            raise ValueError(f"`search=True` needs backend='cusparselt', got backend={backend!r}.")
+        self.runner, self.search = runner, bool(search)
         self.when, self.dtype, self.backend = when, dtype, backend
         self.batch_size, self.warmup, self.runs = batch_size, warmup, runs
         self.input_shape = None if input_shape is None else tuple(input_shape)
@@ -140,17 +154,26 @@ class SemiStructuredBenchmark(pl.Callback):
             self.last_skip_reason = reason
             rank_zero_info(f"SemiStructuredBenchmark ({hook}) skipped: {reason}.")
             return
+        try:
+            report = benchmark_semi_structured(
+                pl_module, input_shape, self.dtype, self.backend, self.batch_size, self.warmup, self.runs,
+                layers=self.layers, device=resolve_device(None),
+                runner=self.runner, search=self.search,
+            )
+        except NothingConverted as err:
+            self.last_skip_reason = str(err)
+            rank_zero_info(f"SemiStructuredBenchmark ({hook}) skipped: {err}.")
+            return
         self.last_skip_reason = None
-        report = benchmark_semi_structured(
-            pl_module, input_shape, self.dtype, self.backend, self.batch_size, self.warmup, self.runs,
-            layers=self.layers, device=torch.device("cuda", torch.cuda.current_device()),
-        )
         self.reports.append(report)
         rank_zero_info(f"SemiStructuredBenchmark ({hook}):\n{format_report(report)}")
         if not report.parity_ok:
+            worst = report.worst_layer
+            layer = f"; worst layer {worst[0]} ({worst[1]:.2e})" if worst else ""
             rank_zero_warn(
                 f"SemiStructuredBenchmark: sparse outputs differ from the dense masked model by "
-                f"{report.parity_max_rel_err:.2e} (relative), above the {report.parity_tolerance:.0e} tolerance."
+                f"{report.parity_max_rel_err:.2e} (relative), above the {report.parity_tolerance:.0e} "
+                f"tolerance{layer}."
             )
         log_metrics(trainer, report.metrics())
         self._log_wandb_table(trainer, report)

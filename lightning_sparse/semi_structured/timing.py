@@ -1,0 +1,102 @@
+"""CUDA-event timing that tells GPU time from host time, on the device's own stream.
+
+Each timed call starts on an idle GPU (the device is synchronized first), then records a start event,
+runs the call, records an end event. Two figures per call:
+
+- ``event_ms``: GPU time from the start to the end event, idle gaps included;
+- ``host_ms``: wall time the host spent issuing the call (Python, dispatch, kernel launches).
+
+When ``host_ms`` is close to ``event_ms`` the GPU spent the call waiting for the host: the row measures
+host overhead, not the kernel (:data:`HOST_BOUND_FRACTION`). Replaying a CUDA graph (:func:`cuda_graph`)
+removes the host from the measurement: one launch replays every kernel.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["HOST_BOUND_FRACTION", "Timing", "cuda_graph", "interleaved_times"]
+
+# host_ms >= this fraction of event_ms: the GPU waited on the host for (nearly) the whole call
+HOST_BOUND_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Medians over the timed runs of one function (milliseconds)."""
+
+    event_ms: float
+    host_ms: float
+
+    @property
+    def host_bound(self) -> bool:
+        """``True`` when issuing the call took nearly as long as the GPU time: the host is measured."""
+        return self.host_ms >= HOST_BOUND_FRACTION * self.event_ms
+
+
+def interleaved_times(
+    fns: Sequence[Callable[[], object]], warmup: int, runs: int, device: torch.device | str
+) -> list[Timing]:
+    """Median CUDA-event and host times per call of each ``fn``, the functions interleaved run by run.
+
+    ``warmup`` untimed rounds first; then ``runs`` rounds, each calling every function once (the order
+    rotates every round so none always runs first). Events are recorded on ``device``'s current stream.
+    """
+    if runs < 1:
+        raise ValueError(f"`runs` must be >= 1, got runs={runs!r}.")
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        torch.cuda.synchronize(device)
+        events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in fns]
+        host: list[list[float]] = [[] for _ in fns]
+        k = len(fns)
+        for r in range(runs):
+            for j in range(k):
+                i = (j + r) % k
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                start.record(stream)
+                fns[i]()
+                end.record(stream)
+                host[i].append((time.perf_counter() - t0) * 1e3)
+                events[i].append((start, end))
+        torch.cuda.synchronize(device)
+    return [
+        Timing(statistics.median(s.elapsed_time(e) for s, e in ev), statistics.median(h))
+        for ev, h in zip(events, host)
+    ]
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device | str, warmup: int = 3) -> Callable[[], object]:
+    """Capture ``fn`` (fixed inputs) into a CUDA graph; return a function that replays it.
+
+    ``fn`` runs ``warmup`` times on a side stream first (as ``torch.cuda.graphs`` asks), then once under
+    capture. The replay returns the output tensors of the captured call, refreshed in place.
+    """
+    device = torch.device(device)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+
+    def replay() -> object:
+        graph.replay()
+        return out
+
+    return replay
