@@ -47,6 +47,7 @@ class FakeKernels:
     search_result: int = 3
     perturb_out_features: int | None = None  # add 1.0 to the output of layers with this many outputs
     refuse_compress: bool = False
+    strided_output: bool = False  # return the transposed result as a strided view, as torch 2.11's path did
 
     # ------------------------------------------------------------------ cuSPARSELt kernels
     def cslt_compress(self, weight: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,9 @@ class FakeKernels:
         if bias is not None:
             res = res + bias.float()[:, None]
         res = self._perturb(res, weight.shape[0]).to(out_dtype or dense_b.dtype)
-        return res.t().contiguous() if transpose_result else res.contiguous()
+        if transpose_result:
+            return res.t() if self.strided_output else res.t().contiguous()
+        return res.contiguous()
 
     def cslt_search(self, compressed_a, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False):
         self.searched.append((compressed_a.numel() // dense_b.shape[0], dense_b.shape[0], dense_b.shape[1]))
