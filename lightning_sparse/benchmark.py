@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager (host overhead included), cuda-graph (kernel time), compile (torch.compile)")
     p.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1 (default: the current one)")
     p.add_argument("--search", action="store_true", help="cuSPARSELt algorithm search per layer")
+    p.add_argument("--kernel-layout", action="store_true",
+                   help="leave each sparse linear's output in the layout the kernel returned (times the kernel "
+                        "alone; by default outputs are made row-major, as the next layer of a model needs)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=100, help=f"timed runs (>= {MIN_RUNS}); medians are reported")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
@@ -149,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report = benchmark_semi_structured(
                             model, input_shape, dtype, args.backend, batch_size, args.warmup, args.runs,
                             layers=layers and not args.no_layers, device=args.device, runner=runner,
-                            search=args.search,
+                            search=args.search, row_major_outputs=not args.kernel_layout,
                         )
                     except NothingConverted as err:
                         print(f"2:4 semi-structured benchmark ({what}, {dtype}) skipped: {err}.")

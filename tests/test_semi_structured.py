@@ -424,14 +424,10 @@ def test_noncontiguous_input_is_made_contiguous(monkeypatch):
 
 
 def test_strided_kernel_output_is_made_contiguous(monkeypatch):
-    from torch.sparse import SparseSemiStructuredTensor
-
     fake = fake_semi_structured.install(monkeypatch)
     fake.strided_output = True
     torch.manual_seed(0)
     _, sparse, _, _ = sparsify_model(nn.Sequential(nn.Linear(64, 128)), "float16")
-    assert sparse[0].weight.fuse_transpose_cusparselt is True  # the kernel is asked for a row-major result
-    assert SparseSemiStructuredTensor._FUSE_TRANSPOSE is False  # and the global flag is restored
     x = torch.randn(16, 64, dtype=torch.float16)
     raw = F.linear(x, sparse[0].weight, sparse[0].bias)
     assert not raw.is_contiguous()  # what the layer would hand on without its hook
@@ -439,6 +435,9 @@ def test_strided_kernel_output_is_made_contiguous(monkeypatch):
         out = sparse(x)
     assert out.is_contiguous()
     torch.testing.assert_close(out, raw)
+    _, kernel_layout, _, _ = sparsify_model(nn.Sequential(nn.Linear(64, 128)), "float16", row_major_outputs=False)
+    with torch.no_grad():
+        assert not kernel_layout(x).is_contiguous()  # --kernel-layout: the kernel's own layout, no copy
 
 
 def test_nothing_converted_is_a_skip(monkeypatch, capsys):

@@ -65,6 +65,7 @@ def benchmark_semi_structured(
     seed: int = 0,
     runner: Runner = "eager",
     search: bool = False,
+    row_major_outputs: bool = True,
 ) -> SemiStructuredReport:
     """Dense 2:4-masked vs semi-structured sparse: end-to-end and per-layer medians, plus parity.
 
@@ -84,6 +85,8 @@ def benchmark_semi_structured(
             dispatch) or ``"compile"`` (``torch.compile(mode="max-autotune")`` end to end; the per-layer
             rows then run eager).
         search: ask cuSPARSELt for the fastest algorithm per layer (``backend="cusparselt"``).
+        row_major_outputs: converted linears hand on row-major outputs (what a model needs). ``False`` keeps
+            the layout the kernel returned, which times the kernel alone (see ``sparsify_model``).
 
     Raises:
         RuntimeError: if :func:`~lightning_sparse.semi_structured.skip_reason` says it cannot run here.
@@ -100,7 +103,7 @@ def benchmark_semi_structured(
     if search and backend != "cusparselt":
         raise ValueError(f"`search=True` needs backend='cusparselt' (algorithm search), got backend={backend!r}.")
     device = resolve_device(device)
-    dense, sparse, converted, skipped = sparsify_model(model, torch_dtype, backend, device)
+    dense, sparse, converted, skipped = sparsify_model(model, torch_dtype, backend, device, row_major_outputs)
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((batch_size, *input_shape), generator=gen, device=device, dtype=torch_dtype)
 
@@ -145,7 +148,7 @@ def benchmark_semi_structured(
         layers=timings,
         dense_host_ms=dense_t.host_ms,
         sparse_host_ms=sparse_t.host_ms,
-        runner=runner,
+        runner=runner if row_major_outputs else f"{runner}, kernel layout",
         torch_version=torch.__version__,
         algorithms=algorithms,
         layer_errors=layer_errors,

@@ -47,7 +47,7 @@ class FakeKernels:
     search_result: int = 3
     perturb_out_features: int | None = None  # add 1.0 to the output of layers with this many outputs
     refuse_compress: bool = False
-    strided_output: bool = False  # return the transposed result as a strided view, as torch 2.11's path did
+    strided_output: bool = False  # hand back a strided (transposed-view) result, the layout torch 2.11 returned
 
     # ------------------------------------------------------------------ cuSPARSELt kernels
     def cslt_compress(self, weight: torch.Tensor) -> torch.Tensor:
