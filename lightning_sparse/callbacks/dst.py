@@ -12,10 +12,10 @@ from typing_extensions import override
 from lightning_sparse.callbacks._base import check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import UpdateGuard, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
-from lightning_sparse.sparsity.distributions import DISTRIBUTIONS, layer_counts, layer_densities
-from lightning_sparse.sparsity.dst import GROWTH_MODES, cosine_drop_fraction, drop_grow
+from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
+from lightning_sparse.sparsity.dst import GROWTH_MODES, cosine_drop_fraction, drop_grow, initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
-from lightning_sparse.sparsity.masks import Masks, random_mask
+from lightning_sparse.sparsity.masks import Masks
 from lightning_sparse.sparsity.targets import select_targets
 
 __all__ = ["DynamicSparsity"]
@@ -201,12 +201,9 @@ class DynamicSparsity(pl.Callback):
     def _run_init_masks(self, pl_module: pl.LightningModule) -> None:
         names = self.target_names(pl_module)
         params = dict(pl_module.named_parameters())
-        shapes = {n: tuple(params[n].shape) for n in names}
         total = sum(params[n].numel() for n in names)
-        densities = layer_densities(shapes, self.density, self.distribution)
-        counts = layer_counts(densities, shapes, total=int(round(self.density * total)))
-        gen = self._generator(-1)
-        self.engine.masks = {n: random_mask(shapes[n], counts[n], gen, params[n].device) for n in names}
+        self.engine.masks = initial_masks({n: params[n] for n in names}, self.density, self.distribution,
+                                          self._generator(-1))
         self.engine.bind(pl_module)
         self.engine.apply_weights()
         dense = f"; kept dense as first/last: {', '.join(self._excluded)}" if self._excluded else ""

@@ -92,6 +92,16 @@ class MaskEngine:
             out[name] = out[name] & allowed if name in out else allowed
         return out
 
+    def block(self, name: str, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Forbid the slices ``index`` along ``dim`` of ``param`` for good (in ``allowed`` and its mask)."""
+        allowed = self.allowed.get(name)
+        if allowed is None:
+            allowed = torch.ones_like(param, dtype=torch.bool)
+        self.allowed[name] = allowed.index_fill(dim, index.to(param.device), False)
+        if name in self.masks:
+            self.masks[name] = self.masks[name] & self.allowed[name]
+        self._mult = None
+
     def multipliers(self) -> dict[str, torch.Tensor]:
         """Enforced masks as 0/1 tensors of each parameter's dtype (cached: multiplying by them is ~3x
         faster than by bool masks, and it runs twice per step)."""
