@@ -149,6 +149,11 @@ class MaskEngine:
         """True between :meth:`write_masked` and :meth:`restore_dense`."""
         return self._dense is not None
 
+    @property
+    def dense(self) -> dict[str, torch.Tensor]:
+        """The dense weights kept aside while masked (empty otherwise)."""
+        return dict(self._dense or {})
+
     @torch.no_grad()
     def write_masked(self, mask_fn: Callable[[torch.Tensor], torch.Tensor], names: Iterable[str] | None = None) -> None:
         """Store ``W ⊙ mask_fn(W)`` in each bound Parameter (``names``: a subset), keeping ``W`` aside."""
