@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 import pytest
 import pytorch_lightning as pl
@@ -153,12 +155,18 @@ def test_timm_vit_train_and_eval_outputs_equal_a_baked_copy(tmp_path):
             torch.testing.assert_close(logits, ref(x), atol=1e-4, rtol=0)
 
 
-def test_dst_masks_in_proj_weight_and_logs_the_first_last_exclusions(tmp_path, capfd):
+def test_dst_masks_in_proj_weight_and_logs_the_first_last_exclusions(tmp_path, caplog):
     pl.seed_everything(0)
     model = TinyLM()
     dst = DynamicSparsity(density=0.3, update_interval=2, stop_step=6)
-    trainer(tmp_path, 6, [dst]).fit(model, _tokens())
-    log = capfd.readouterr().err
+    for name in ("lightning_utilities.core.rank_zero", "pytorch_lightning.utilities.rank_zero"):
+        logging.getLogger(name).addHandler(caplog.handler)
+    try:
+        trainer(tmp_path, 6, [dst]).fit(model, _tokens())
+    finally:
+        for name in ("lightning_utilities.core.rank_zero", "pytorch_lightning.utilities.rank_zero"):
+            logging.getLogger(name).removeHandler(caplog.handler)
+    log = caplog.text
     in_proj = [n for n in dst.masks if n.endswith("self_attn.in_proj_weight")]
     assert in_proj == ["encoder.layers.1.self_attn.in_proj_weight"]  # layer 0's is the first candidate
     assert "kept dense as first/last: encoder.layers.0.self_attn.in_proj_weight, head.weight" in log
