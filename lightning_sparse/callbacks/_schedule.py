@@ -9,6 +9,7 @@ batch. Training ends at ``max_steps`` or at ``max_epochs`` × steps per epoch, w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
@@ -66,9 +67,9 @@ class UpdateGuard:
     GradScaler will skip) to the next step where they are, with one warning; gives up after
     ``max_postponed`` consecutive postponements (a persistent NaN) with a ``FloatingPointError``.
 
-    Usage in ``on_before_optimizer_step``: ``if guard.due(is_update_step, problem, step, owner): update()``,
-    where ``problem`` is ``None`` when everything is finite, else a description such as
-    ``"gradient in 'layer.weight'"``.
+    Usage in ``on_before_optimizer_step``: ``if guard.due(is_update_step, find_problem, step, owner): update()``,
+    where ``find_problem()`` returns ``None`` when everything is finite, else a description such as
+    ``"gradient in 'layer.weight'"``; it is only called at update steps (and while an update is pending).
     """
 
     def __init__(self, max_postponed: int = 10) -> None:
@@ -77,10 +78,11 @@ class UpdateGuard:
         self.postponed_total = 0
         self._warned = False
 
-    def due(self, scheduled: bool, problem: str | None, step: int, owner: str) -> bool:
+    def due(self, scheduled: bool, find_problem: Callable[[], str | None], step: int, owner: str) -> bool:
         """Whether to run the update now (a scheduled or a postponed one, on finite values)."""
         if not scheduled and not self.pending:
             return False
+        problem = find_problem()
         if problem is None:
             self.pending = 0
             return True

@@ -218,7 +218,7 @@ class Chase(pl.Callback):
         if schedule.is_channel_step(step):
             self._run_channel_removal(trainer, pl_module, step)
         scheduled = step > 0 and step % self.update_interval == 0 and step < schedule.total_steps
-        if self.guard.due(scheduled, self.engine.non_finite(), step, "Chase"):
+        if self.guard.due(scheduled, self.engine.non_finite, step, "Chase"):
             self._run_update(trainer, step)
         self.engine.mask_grads()
 

@@ -167,7 +167,7 @@ class DynamicSparsity(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if self.guard.due(self._is_update_step(step), self.engine.non_finite(), step, type(self).__name__):
+        if self.guard.due(self._is_update_step(step), self.engine.non_finite, step, type(self).__name__):
             self._run_update(trainer, step)
         self.engine.mask_grads()
 
