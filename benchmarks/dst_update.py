@@ -14,7 +14,8 @@ import torch
 
 from lightning_sparse.sparsity.distributions import layer_counts, layer_densities
 from lightning_sparse.sparsity.dst import drop_grow
-from lightning_sparse.sparsity.masks import prunable_weights, random_mask
+from lightning_sparse.sparsity.masks import random_mask
+from lightning_sparse.sparsity.targets import select_targets
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     model = timm.create_model(args.model)
     params = dict(model.named_parameters())
-    names = prunable_weights(model)[1:-1]
+    names = select_targets(model).names  # stem conv and classifier stay dense
     shapes = {n: tuple(params[n].shape) for n in names}
     total = sum(params[n].numel() for n in names)
     counts = layer_counts(layer_densities(shapes, args.density, "erk"), shapes, round(args.density * total))

@@ -34,12 +34,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nm: NMSparsity | None = None):
+    """One SGD step; with ``nm``, what the callback does in a Trainer step: the Parameters hold W ⊙ M(W) for
+    forward and backward, then the dense W comes back and SR-STE's decay term is added before the step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        if nm is None:
+            F.cross_entropy(model(x), y).backward()
+        else:
+            with nm.masked(model):
+                F.cross_entropy(model(x), y).backward()
+            nm.engine.add_decay(2e-4)
         opt.step()
 
     return step
@@ -60,10 +67,10 @@ def step_ratio(name: str, in_chans: int, size: int, batch: int, reps: int, devic
     nm = NMSparsity(n=2, m=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        nm._run_attach(sparse)
+        nm.attach(sparse)
     x = torch.randn(batch, in_chans, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    steps = {"dense": _step_fn(dense, x, y), "srste": _step_fn(sparse, x, y)}
+    steps = {"dense": _step_fn(dense, x, y), "srste": _step_fn(sparse, x, y, nm)}
     for fn in steps.values():  # warm-up
         fn(), fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -75,7 +82,7 @@ def step_ratio(name: str, in_chans: int, size: int, batch: int, reps: int, devic
     print(
         f"{name:9s} {in_chans}x{size}x{size} batch {batch:3d}: dense {med['dense'] * 1e3:8.1f} ms  "
         f"SR-STE 2:4 {med['srste'] * 1e3:8.1f} ms  ratio {ratio:.3f}  "
-        f"(coverage {nm._coverage:.3f}, {len(nm.targets)} layers, {reps} interleaved reps)"
+        f"(coverage {nm.coverage:.3f}, {len(nm.targets)} layers, {reps} interleaved reps)"
     )
     return ratio
 

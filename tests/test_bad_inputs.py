@@ -74,7 +74,38 @@ def _nan_at_update(tmp_path):
             loss = super().training_step(batch, batch_idx)
             return loss * float("nan") if self.trainer.global_step >= 2 else loss
 
-    _fit_with(tmp_path, _dst(density=0.3, update_interval=2, stop_step=5), NaNNet())
+    _fit_with(tmp_path, _dst(density=0.3, update_interval=2, stop_step=5, max_postponed=2), NaNNet())
+
+
+def _residual_only(tmp_path):
+    class Res(pl.LightningModule):
+        """Every conv's output feeds a residual sum: Chase has no channel it may remove."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.c, self.fc = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = h + self.b(h)
+            return self.fc((h + self.c(h)).mean((2, 3)))
+
+        def training_step(self, batch, i):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    chase = _chase(density=0.3, channel_sparsity=0.5, channel_interval_epochs=1, stop_gmp_epochs=2, stop_dst_epochs=1,
+                   sparse_first_last=True, input_shape=(1, 8, 8))
+    _fit_with(tmp_path, chase, Res(), max_epochs=3)
+
+
+def _missing_imagefolder(tmp_path):
+    from lightning_sparse.data import ImageFolderDataModule
+
+    ImageFolderDataModule(data_dir=str(tmp_path / "imagenet")).setup("fit")
 
 
 def _fsdp(tmp_path):
@@ -89,19 +120,23 @@ API_CASES = [
     ("update interval < 1", lambda t: _dst(update_interval=0), ValueError, r"update_interval=0"),
     ("stop before start", lambda t: _dst(start_step=10, stop_step=5), ValueError, r"start_step=10, stop_step=5"),
     ("include pattern matching nothing", lambda t: _dst(include=["enc.*"]).setup(None, TinyNet(), "fit"), ValueError,
-     r"\['enc\.\*'\] match no prunable parameter"),
-    ("model with no prunable layers", _no_prunable_layer, ValueError, r"Scale has no Conv/Linear weight"),
+     r"`include` pattern\(s\) \['enc\.\*'\] match no weight with >= 2 dims"),
+    ("model with no prunable layers", _no_prunable_layer, ValueError, r"Scale has no Conv/Linear/attention weight"),
     ("channel sparsity outside [0, 1)", lambda t: _chase(channel_sparsity=1.0), ValueError, r"channel_sparsity=1.0"),
     ("beta outside (0, 1]", lambda t: _chase(minimum_ratio=0.0), ValueError, r"minimum_ratio=0.0"),
     ("channel removal after stop", lambda t: _chase(channel_interval_epochs=9, stop_gmp_epochs=4), ValueError,
      "Conflicting channel schedule"),
+    ("network whose convs all feed residual sums", _residual_only, ValueError,
+     r"Chase found no candidate conv among the sparse layers of Res"),
+    ("missing ImageFolder directory", _missing_imagefolder, FileNotFoundError, r"ImageFolder data not found: missing"),
     ("n >= m for N:M", lambda t: _nm(n=4, m=4), ValueError, r"n=4, m=4"),
     ("unknown N:M layout", lambda t: _nm(layout="rows"), ValueError, r"'rows'"),
     ("unknown timm backbone", lambda t: _model(model_name="resnet181"), ValueError, r"resnet181.*resnet18"),
     ("unknown optimizer", lambda t: _model(optimizer="adam"), ValueError, r"optimizer='adam'"),
     ("corrupt checkpoint file", _corrupt_checkpoint, ValueError, r"corrupt.pth' is not a readable torch checkpoint"),
     ("foreign checkpoint", _foreign_checkpoint, ValueError, r"resnet18.pth' does not fit 'resnet10t'"),
-    ("NaN loss during a mask update", _nan_at_update, FloatingPointError, r"non-finite gradient in 'body.0.weight' at step 2"),
+    ("NaN loss during mask updates", _nan_at_update, FloatingPointError,
+     r"non-finite (weight|gradient) in 'body.0.weight' at step 4; refusing the mask update after 2 postponements"),
     ("sharded strategy (FSDP)", _fsdp, ValueError, r"does not support the sharded strategy FSDPStrategy.*ddp"),
 ]
 

@@ -29,10 +29,10 @@ class Before(pl.Callback):
         if not c.groups:
             return
         params = dict(pl_module.named_parameters())
-        masks = c._enforced_masks()
+        masks = c.engine.enforced()
         self.snap = {
             layer: (channel_scores(params[f"{layer}.weight"], masks[f"{layer}.weight"]).clone(),
-                    set(c._original_channels(layer)) - set(c.removed.get(layer, [])))
+                    set(c.channels.original_channels(layer)) - set(c.removed.get(layer, [])))
             for layer in c.groups
         }
 
@@ -61,11 +61,11 @@ class After(pl.Callback):
         for layer, n in active.items():
             assert n >= channel_floor(c.start_channels[layer], c.channel_sparsity, c.minimum_ratio)
         # 3. removed channels are the lowest-UMM ones among layers not held by their floor
-        newly = {l: set(c.removed.get(l, [])) - (set(c._original_channels(l)) - self.before.snap[l][1])
+        newly = {l: set(c.removed.get(l, [])) - (set(c.channels.original_channels(l)) - self.before.snap[l][1])
                  for l in c.groups}
         removed_scores, kept_scores = [], []
         for layer, (scores, was_active) in self.before.snap.items():
-            orig = c._original_channels(layer)
+            orig = c.channels.original_channels(layer)
             floor = channel_floor(c.start_channels[layer], c.channel_sparsity, c.minimum_ratio)
             for i, ch in enumerate(orig):
                 if ch in newly[layer]:
@@ -78,7 +78,7 @@ class After(pl.Callback):
         params = dict(pl_module.named_parameters())
         for layer in c.groups:
             w = params[f"{layer}.weight"]
-            idx = [i for i, ch in enumerate(c._original_channels(layer)) if ch in set(c.removed[layer])]
+            idx = [i for i, ch in enumerate(c.channels.original_channels(layer)) if ch in set(c.removed[layer])]
             assert torch.count_nonzero(w[idx]) == 0 and not c.masks[f"{layer}.weight"][idx].any()
         self.removals.append(step)
 
@@ -130,7 +130,7 @@ def test_slimming_during_training_keeps_outputs_and_trains_on(tmp_path):
 
     class PreSlim(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if chase._pending_slim:
+            if chase.pending_slim:
                 pl_module.eval()
                 with torch.no_grad():
                     pre[trainer.global_step] = pl_module(probe.x)

@@ -9,7 +9,7 @@ import torch
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase, NMSparsity
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import export_slim
+from lightning_sparse.slim import export_slim, load_slim
 from lightning_sparse.sparsity.nm import nm_violations
 
 
@@ -39,4 +39,7 @@ def test_chase_then_nm_gives_a_slim_2to4_model(tmp_path):
     assert sum(p.numel() for p in stage2.model.parameters()) == slim_params  # still slim
     # and it exports as a plain slim timm model
     path = export_slim(stage2.model, tmp_path / "slim_nm.pt", example_inputs=x, arch="resnet10t")
-    assert path.is_file()
+    loaded = load_slim(path).eval()
+    stage2.eval()
+    torch.testing.assert_close(loaded(x), stage2.model(x), atol=1e-5, rtol=0)
+    assert all(nm_violations(loaded.get_parameter(n.removeprefix("model.")), 2, 4) == 0 for n in covered)

@@ -11,7 +11,8 @@ from conftest import TinyNet
 from helpers.training import fixed_loader, optimizer_state, trainer
 from lightning_sparse.callbacks import DynamicSparsity
 from lightning_sparse.sparsity.dst import cosine_drop_fraction, drop_grow, global_grow, global_magnitude_prune, topk_indices
-from lightning_sparse.sparsity.masks import mask_optimizer_state_, random_mask, select_names
+from lightning_sparse.sparsity.masks import mask_optimizer_state_, random_mask
+from lightning_sparse.sparsity.targets import select_targets
 
 
 class InvariantChecker(pl.Callback):
@@ -170,7 +171,7 @@ def test_checkpoint_keeps_plain_model_keys(tmp_path):
         ({"density": 0.0}, r"`density` must be in \(0, 1\), got density=0.0"),
         ({"density": 1.0}, r"`density` must be in \(0, 1\), got density=1.0"),
         ({"drop_fraction": 1.5}, r"`drop_fraction` must be in \(0, 1\), got drop_fraction=1.5"),
-        ({"update_interval": 0}, r"`update_interval` \(ΔT, in steps\) must be >= 1, got update_interval=0"),
+        ({"update_interval": 0}, r"`update_interval` \(ΔT, in steps\) must be an int >= 1, got update_interval=0"),
         ({"distribution": "normal"}, r"`distribution`='normal' is not supported; choose one of \['uniform', 'erk'\]"),
         ({"growth": "momentum"}, r"`growth`='momentum' is not supported; choose one of \['gradient', 'random'\]"),
         ({"start_step": 100, "stop_step": 50}, "`stop_step` must be after `start_step`, got start_step=100, stop_step=50"),
@@ -183,10 +184,11 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_include_pattern_matching_nothing(tiny_net):
-    with pytest.raises(ValueError, match=r"include pattern\(s\) \['encoder\.\*'\] match no prunable parameter"):
+    with pytest.raises(ValueError, match=r"DynamicSparsity: `include` pattern\(s\) \['encoder\.\*'\] match no weight "
+                                         r"with >= 2 dims; candidates are: stem.weight, body.0.weight"):
         DynamicSparsity(include=["encoder.*"]).setup(None, tiny_net, "fit")
-    with pytest.raises(ValueError, match="exclude pattern"):
-        select_names(["a.weight"], None, ["b.*"])
+    with pytest.raises(ValueError, match=r"`exclude` pattern\(s\) \['b\.\*'\]"):
+        select_targets(tiny_net, None, ["b.*"])
 
 
 def test_stop_epoch_before_start_step_fails_at_train_start(tmp_path):
@@ -201,7 +203,7 @@ def test_model_without_prunable_layers():
             super().__init__()
             self.scale = torch.nn.Parameter(torch.ones(3))
 
-    with pytest.raises(ValueError, match="NoConv has no Conv/Linear weight"):
+    with pytest.raises(ValueError, match="NoConv has no Conv/Linear/attention weight to make sparse; DynamicSparsity needs"):
         DynamicSparsity().setup(None, NoConv(), "fit")
 
 

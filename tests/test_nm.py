@@ -159,7 +159,7 @@ def test_n_not_below_m():
 
 
 def test_unknown_layout():
-    with pytest.raises(ValueError, match=r"layout='rows' is not supported; choose one of"):
+    with pytest.raises(ValueError, match=r"`layout`='rows' is not supported; choose one of"):
         nm_mask(torch.zeros(2, 4), 2, 4, layout="rows")
 
 

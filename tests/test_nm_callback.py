@@ -49,7 +49,9 @@ class _CheckForwardIsNM(pl.Callback):
             assert nm_violations(w_used, self.nm.n, self.nm.m, self.nm.layout) == 0
             assert nm_violations(mod.weight, self.nm.n, self.nm.m, self.nm.layout) > 0  # dense W is trained
             x = torch.randn(2, mod.in_channels, 5, 5) if isinstance(mod, nn.Conv2d) else torch.randn(2, mod.in_features)
-            torch.testing.assert_close(mod(x), _reference_forward(mod, x, w_used), rtol=1e-5, atol=1e-6)
+            with self.nm.masked(pl_module):
+                out = mod(x)
+            torch.testing.assert_close(out, _reference_forward(mod, x, w_used), rtol=1e-5, atol=1e-6)
         for name in self.nm.skipped:
             mod = modules[name.removesuffix(".weight")]
             x = torch.randn(2, mod.in_channels, 5, 5)
@@ -83,15 +85,15 @@ def test_image_classifier_forward_is_nm_and_eval_uses_masks(digits_small, tmp_pa
     assert check.checked == 3
     assert "model.fc.weight" not in nm.targets and "model.layer1.0.conv1.weight" in nm.targets
     assert trainer.callback_metrics["nm/coverage"] > 0.9
-    assert trainer.callback_metrics["sparsity/global"] == pytest.approx(0.75 * nm._coverage)
+    assert trainer.callback_metrics["sparsity/global"] == pytest.approx(0.75 * nm.coverage)
     # evaluation uses the masked weights: the attached model's logits differ from the dense model's
     x = next(iter(digits_small.val_dataloader()))[0][:4]
     model.eval()
     dense = model(x)
-    nm.setup(trainer, model, "validate")
-    sparse = model(x)
-    nm.detach()
+    with nm.masked(model):
+        sparse = model(x)
     assert not torch.allclose(dense, sparse)
+    torch.testing.assert_close(model(x), dense, rtol=0, atol=0)  # the dense weights are back
 
 
 def test_baked_checkpoint_loads_into_plain_timm(digits_small, tmp_path):
@@ -103,8 +105,7 @@ def test_baked_checkpoint_loads_into_plain_timm(digits_small, tmp_path):
         trainer.fit(model, digits_small.train_dataloader())
     x = next(iter(digits_small.val_dataloader()))[0][:8]
     model.eval()
-    nm.setup(trainer, model, "test")  # re-attach: the trained sparse model's logits
-    with torch.no_grad():
+    with torch.no_grad(), nm.masked(model):  # the trained sparse model's logits
         sparse_logits = model(x)
     baked = nm.bake(model)
     assert baked == nm.targets
@@ -170,29 +171,58 @@ def test_dense_warmup_then_masking(tiny_net, digits_small, tmp_path):
 
 def test_include_selects_and_state_dict_roundtrip(tiny_net):
     nm = NMSparsity(n=2, m=8, include=["head.*"])
-    nm._run_attach(tiny_net)
+    nm.attach(tiny_net)
     assert nm.targets == ["head.weight"] and nm.skipped == {}
-    assert isinstance(tiny_net.head.__dict__["forward"], object)
+    dense = tiny_net.head.weight.detach().clone()
+    with nm.masked(tiny_net):
+        assert torch.equal(tiny_net.head.weight, dense * nm_mask(dense, 2, 8))
+        assert torch.equal(tiny_net.body[0].weight, dict(tiny_net.named_parameters())["body.0.weight"])
+    assert torch.equal(tiny_net.head.weight, dense)
     state = nm.state_dict()
     other = NMSparsity(n=2, m=8, include=["head.*"])
     other.load_state_dict({**state, "global_step": 7})
     assert other.global_step == 7
     nm.detach()
-    assert "forward" not in tiny_net.head.__dict__
 
 
-def test_decay_follows_loss_scale_and_accumulation():
-    from types import SimpleNamespace
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_optimizer_sees_the_exact_srste_gradient(tiny_net, digits_small, tmp_path, accumulate):
+    """The gradient at the optimizer step equals an independent computation: the loss of a copy whose weights
+    are W ⊙ M(W) baked outside the callback, differentiated w.r.t. those weights, plus λ·(1 − M) ⊙ W —
+    also with gradient accumulation (the decay is added once per optimizer step)."""
+    decay = 0.05
+    nm = NMSparsity(n=2, m=4, decay=decay, include=["body.*", "head.weight"])
+    seen = {}
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), global_step=3, accumulate_grad_batches=4)
-    nm = NMSparsity(decay=lambda step: 1e-4 * step)
-    nm.on_train_batch_start(trainer, None, None, 0)
-    assert nm._decay_now == pytest.approx(3e-4)
-    assert nm._decay_applied == pytest.approx(3e-4 * 1024 / 4)
-    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=3, accumulate_grad_batches=1)
-    nm.on_train_batch_start(plain, None, None, 0)
-    assert nm._decay_applied == pytest.approx(3e-4)
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % accumulate == 0:
+                seen["w"] = {k: w.clone() for k, w in nm.engine.dense.items()}  # NMSparsity ran first: W aside
+                seen["batches"] = []
+            seen["batches"].append(batch)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            copy = TinyNet()
+            copy.load_state_dict(pl_module.state_dict())
+            params = dict(copy.named_parameters())
+            with torch.no_grad():
+                for k in nm.targets:
+                    params[k].mul_(nm_mask(seen["w"][k], 2, 4))
+            for x, y in seen["batches"]:
+                (F.cross_entropy(copy(x), y) / accumulate).backward()
+            got = dict(pl_module.named_parameters())
+            for k in nm.targets:
+                w = seen["w"][k]
+                assert torch.equal(got[k].detach(), w)  # the optimizer steps the dense W
+                expected = params[k].grad + decay * (~nm_mask(w, 2, 4)) * w
+                torch.testing.assert_close(got[k].grad, expected, rtol=1e-5, atol=1e-7)
+            seen["checked"] = seen.get("checked", 0) + 1
+
+    from tests.conftest import TinyNet
+
+    _trainer(tmp_path, [nm, Check()], max_steps=2, accumulate_grad_batches=accumulate).fit(
+        tiny_net, digits_small.train_dataloader())
+    assert seen["checked"] == 2
 
 
 # ---------------------------------------------------------------- bad inputs, one test per message
@@ -207,17 +237,17 @@ def test_bad_n_below_one():
 
 
 def test_bad_layout():
-    with pytest.raises(ValueError, match=r"layout='columns' is not supported; choose one of \['input_channels', 'flattened'\]"):
+    with pytest.raises(ValueError, match=r"`layout`='columns' is not supported; choose one of \['input_channels', 'flattened'\]"):
         NMSparsity(layout="columns")
 
 
 def test_bad_mode():
-    with pytest.raises(ValueError, match=r"mode='prune' is not supported; choose one of \['srste', 'ste'\]"):
+    with pytest.raises(ValueError, match=r"`mode`='prune' is not supported; choose one of \['srste', 'ste'\]"):
         NMSparsity(mode="prune")
 
 
 def test_bad_decay():
-    with pytest.raises(ValueError, match=r"`decay` must be a float >= 0 or a Callable\[\[int\], float\], got decay=-1.0"):
+    with pytest.raises(ValueError, match=r"`decay` \(λ_W, a float or a Callable\[\[int\], float\]\) must be >= 0, got decay=-1.0"):
         NMSparsity(decay=-1.0)
 
 
@@ -239,17 +269,18 @@ def test_bad_dense_warmup_steps():
 
 def test_m_not_supported_for_layout(tiny_net):
     with pytest.raises(ValueError, match=r"m=5 is not supported for layout='input_channels' on this model"):
-        NMSparsity(n=2, m=5)._run_attach(tiny_net)
+        NMSparsity(n=2, m=5).attach(tiny_net)
 
 
 def test_include_matching_nothing(tiny_net):
-    with pytest.raises(ValueError, match=r"`include` patterns \['encoder\.\*'\] match no Conv2d/Linear weight\. Available: \[stem.weight"):
-        NMSparsity(include=["head.weight", "encoder.*"])._run_attach(tiny_net)
+    with pytest.raises(ValueError, match=r"NMSparsity: `include` pattern\(s\) \['encoder\.\*'\] match no weight with >= 2 "
+                                         r"dims; candidates are: stem.weight"):
+        NMSparsity(include=["head.weight", "encoder.*"]).attach(tiny_net)
 
 
 def test_exclude_matching_nothing(tiny_net):
-    with pytest.raises(ValueError, match=r"`exclude` patterns \['fc'\] match no Conv2d/Linear weight"):
-        NMSparsity(exclude=["fc"])._run_attach(tiny_net)
+    with pytest.raises(ValueError, match=r"NMSparsity: `exclude` pattern\(s\) \['fc'\] match no weight"):
+        NMSparsity(exclude=["fc"]).attach(tiny_net)
 
 
 def test_checkpoint_from_other_config():

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MaskSource", "log_metrics", "check_strategy"]
+__all__ = ["MaskSource", "log_metrics", "check_strategy", "example_input"]
 
 
 @runtime_checkable
@@ -48,3 +48,27 @@ def check_strategy(trainer: pl.Trainer | None, callback: str) -> None:
             f"{callback} does not support the sharded strategy {name}: masks cover whole parameters. "
             "Use a single device or DDP (--trainer.strategy=ddp)."
         )
+
+
+def example_input(
+    trainer: pl.Trainer | None, pl_module: pl.LightningModule, input_shape: tuple[int, ...] | None, owner: str
+) -> torch.Tensor:
+    """One example input (batch of 1) for tracing ``pl_module``: its ``example_input_array``, else
+    ``input_shape``, else the datamodule's ``in_chans``/``image_size``.
+
+    Raises:
+        ValueError: none of these is available.
+    """
+    example = getattr(pl_module, "example_input_array", None)
+    if torch.is_tensor(example):
+        return example[:1].detach()
+    shape = input_shape
+    dm = getattr(trainer, "datamodule", None)
+    if shape is None and dm is not None and hasattr(dm, "in_chans") and hasattr(dm, "image_size"):
+        shape = (int(dm.in_chans), int(dm.image_size), int(dm.image_size))
+    if shape is None:
+        raise ValueError(
+            f"{owner} needs an example input to trace the model: set `input_shape=(C, H, W)`, or "
+            "`example_input_array` on the LightningModule, or use a datamodule with `in_chans` and `image_size`."
+        )
+    return torch.randn(1, *shape)

@@ -5,6 +5,10 @@ unstructured DST and, on a cubic schedule, removes the candidate channels with t
 mean magnitude (UMM) across all candidate layers, hands their weight budget to the surviving layers
 (ERK re-solved over the remaining shapes, same total budget B) and finally deletes those channels
 physically, so the network is smaller and faster on any hardware while staying unstructured-sparse.
+
+The callback is glue: masks live in a :class:`~lightning_sparse.sparsity.engine.MaskEngine`, the
+schedule and update rules in :mod:`lightning_sparse.sparsity.chase`, channel scores and selection in
+:mod:`lightning_sparse.sparsity.channels`, slimming in :mod:`lightning_sparse.slim`.
 """
 
 from __future__ import annotations
@@ -17,101 +21,63 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy, log_metrics
-from lightning_sparse.callbacks.dst import DynamicSparsity
-from lightning_sparse.slim import (
-    ChannelGroup,
-    apply_channel_config,
-    channel_candidates,
-    channel_config,
-    count_flops,
-    slim_model,
-)
-from lightning_sparse.sparsity.channels import (
-    channel_floor,
-    channel_scores,
-    channel_sparsity_schedule,
-    n_channels_to_remove,
-    redistribute_budget,
-    select_channels_to_remove,
-)
-from lightning_sparse.sparsity.dst import cosine_drop_fraction, drop_grow, global_grow, global_magnitude_prune
-from lightning_sparse.sparsity.masks import global_density
+from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
+from lightning_sparse.callbacks._schedule import UpdateGuard, steps_per_epoch, total_steps
+from lightning_sparse.slim import ChannelGroup, apply_channel_config, channel_candidates, channel_config, count_flops
+from lightning_sparse.slim import slim_model
+from lightning_sparse.sparsity.channels import channel_floor, channel_scores, n_channels_to_remove
+from lightning_sparse.sparsity.channels import select_channels_to_remove
+from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, check_chase_args, redistribute_masks
+from lightning_sparse.sparsity.chase import soft_bound_update, strict_budget_update
+from lightning_sparse.sparsity.dst import global_magnitude_prune, initial_masks
+from lightning_sparse.sparsity.engine import MaskEngine
+from lightning_sparse.sparsity.targets import select_targets
 
 __all__ = ["Chase"]
 
-SCORES = ("umm", "maskwise")
-SLIM_MODES = ("during", "end", "never")
+
+def _hook_checkpoint_loading(trainer: pl.Trainer, restore: Any) -> None:
+    """Call ``restore(checkpoint)`` right before the strategy loads a checkpoint's model weights.
+
+    Lightning restores the model weights (strictly) before any callback state, so a slimmed checkpoint
+    cannot wait for ``load_state_dict``: the strategy's ``load_model_state_dict`` gets the whole
+    checkpoint, and wrapping it rebuilds the architecture first, for ``fit``, ``validate`` and ``test``.
+    """
+    strategy = trainer.strategy
+    if getattr(strategy.load_model_state_dict, "_chase_hook", False):
+        return
+    original = strategy.load_model_state_dict
+
+    def load_model_state_dict(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+        restore(checkpoint)
+        return original(checkpoint, *args, **kwargs)
+
+    load_model_state_dict._chase_hook = True  # type: ignore[attr-defined]
+    strategy.load_model_state_dict = load_model_state_dict  # type: ignore[method-assign]
 
 
-def _check_chase_args(
-    channel_sparsity: float,
-    minimum_ratio: float,
-    channel_interval_epochs: int,
-    stop_gmp_epochs: int,
-    stop_dst_epochs: int,
-    phase2_drop_fraction: tuple[float, float],
-    score: str,
-    slim: str,
-    round_to: int | None,
-) -> None:
-    if not 0.0 <= channel_sparsity < 1.0:
-        raise ValueError(f"`channel_sparsity` (S_c) must be in [0, 1), got channel_sparsity={channel_sparsity}.")
-    if not 0.0 < minimum_ratio <= 1.0:
-        raise ValueError(f"`minimum_ratio` (β) must be in (0, 1], got minimum_ratio={minimum_ratio}.")
-    if channel_interval_epochs < 1:
-        raise ValueError(f"`channel_interval_epochs` must be >= 1, got channel_interval_epochs={channel_interval_epochs}.")
-    if stop_gmp_epochs < 1:
-        raise ValueError(f"`stop_gmp_epochs` must be >= 1, got stop_gmp_epochs={stop_gmp_epochs}.")
-    if channel_interval_epochs > stop_gmp_epochs:
-        raise ValueError(
-            "Conflicting channel schedule: the first removal (epoch `channel_interval_epochs`="
-            f"{channel_interval_epochs}) comes after the schedule ends (`stop_gmp_epochs`={stop_gmp_epochs})."
-        )
-    if stop_dst_epochs < 0:
-        raise ValueError(f"`stop_dst_epochs` must be >= 0, got stop_dst_epochs={stop_dst_epochs}.")
-    hi, lo = phase2_drop_fraction
-    if not 0.0 <= lo <= hi < 1.0:
-        raise ValueError(
-            f"`phase2_drop_fraction` must be (start, end) with 0 <= end <= start < 1, got {phase2_drop_fraction}."
-        )
-    if score not in SCORES:
-        raise ValueError(f"`score`={score!r} is not supported; choose one of {list(SCORES)}.")
-    if slim not in SLIM_MODES:
-        raise ValueError(f"`slim`={slim!r} is not supported; choose one of {list(SLIM_MODES)}.")
-    if round_to is not None and round_to < 1:
-        raise ValueError(f"`round_to` must be None or >= 1, got round_to={round_to}.")
-
-
-class Chase(DynamicSparsity):
+class Chase(pl.Callback):
     """Chase: unstructured DST that learns channel sparsity, then slims the network physically.
 
-    Unstructured part (CHASE.md §1), every ``update_interval`` steps:
+    Unstructured part (CHASE.md §1), every ``update_interval`` optimizer steps: phase 1 (until
+    ``stop_dst_epochs`` before the end) keeps a **soft memory bound** — prune globally by magnitude to the
+    budget B = ``density`` × (sparse weights), then grow k = p_t·B weights by largest |gradient| (global);
+    phase 2 keeps a **strict budget** with per-layer RigL, so training ends with exactly B weights.
 
-    - phase 1 (until ``stop_dst_epochs`` before the end), **soft memory bound**: prune every active
-      weight beyond the budget B = ``density`` × (sparse weights) by global magnitude, then grow
-      k = p_t·B weights with the largest |gradient| (global); p_t decays with a cosine from
-      ``drop_fraction`` to 0 over phase 1. Between updates the net carries B + k weights.
-    - phase 2 (the last ``stop_dst_epochs`` epochs), **strict budget**: prune to B once, then per layer
-      RigL with p_t decaying from ``phase2_drop_fraction[0]`` to ``[1]``, so training ends with exactly B.
-
-    Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs until ``stop_gmp_epochs``
-    (at the first step of the epoch), the target channel sparsity is s_t = S_c·(1 − (1 − t/T)^3);
-    the active candidate channels with the lowest score (UMM: Σ|w ⊙ m| / filter size; or ``maskwise``)
-    over all candidate layers are removed, each layer keeping at least floor(C_l·(1 − S_c)·β) channels.
-    A removed channel's filter, the consumer's input slice and its BN scale/shift are zeroed and never
-    grow again; ERK is re-solved over the remaining shapes with the same total B, and each layer is
-    brought to its new count at once (grow by |gradient|, or drop by magnitude).
+    Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs until ``stop_gmp_epochs`` the
+    candidate channels with the lowest score (UMM: Σ|w ⊙ m| / filter size; or ``maskwise``) over all
+    candidate layers are removed towards the cubic target s_t = S_c·(1 − (1 − t/T)^3), each layer keeping
+    at least floor(C_l·(1 − S_c)·β) channels. A removed channel's filter, the consumer's input slice and
+    its BN scale/shift are zeroed and never grow again; ERK is re-solved over the remaining shapes with
+    the same B. The schedule and update rules are :mod:`lightning_sparse.sparsity.chase`.
 
     Candidates ("active" layers) come from Torch-Pruning's dependency graph
-    (:func:`lightning_sparse.slim.channel_candidates`): convs whose output channels feed no residual
-    sum (ResNet bottleneck ``conv1``/``conv2``, basic-block ``conv1``, every VGG conv ...).
+    (:func:`lightning_sparse.slim.channel_candidates`): convs whose output channels feed no residual sum.
 
     Slimming (``slim``): ``"during"`` deletes removed channels physically right after each removal
-    (training gets cheaper; optimizer state and masks are sliced the same way; single-device only —
-    under DDP it falls back to ``"end"``), ``"end"`` at the end of fit, ``"never"`` keeps them as zeros.
-    The slim channel configuration is stored in the checkpoint and re-applied in ``setup`` before the
-    weights load, so resuming a slimmed run needs nothing from the LightningModule.
+    (optimizer state and masks are sliced the same way; single-device only — under DDP it falls back to
+    ``"end"``), ``"end"`` at the end of fit, ``"never"`` keeps them as zeros. The slim channel
+    configuration is stored in the checkpoint and re-applied before the weights load.
 
     Args:
         density: D, kept fraction of the sparse layers' weights (paper: 0.1, 0.2).
@@ -121,7 +87,7 @@ class Chase(DynamicSparsity):
         channel_interval_epochs: epochs between channel removals (``layer_interval``; ImageNet 2).
         stop_gmp_epochs: epoch at which the channel schedule reaches S_c (ImageNet 80 of 100).
         stop_dst_epochs: length of phase 2 in epochs, counted from the end (ImageNet 20).
-        update_interval: ΔT, steps between DST updates (reference: 1000).
+        update_interval: ΔT, optimizer steps between DST updates (reference: 1000).
         drop_fraction: p at the start of phase 1 (reference death rate 0.05).
         phase2_drop_fraction: (start, end) of p in phase 2 (reference 0.5 → 0.005).
         growth: ``"gradient"`` (reference) or ``"random"``.
@@ -130,8 +96,13 @@ class Chase(DynamicSparsity):
         round_to: keep slimmed channel counts multiples of this (e.g. 8); ``None`` = exact.
         input_shape: ``(C, H, W)`` of one example, used to trace the model; default: the module's
             ``example_input_array``, else the datamodule's ``in_chans``/``image_size``.
-        **kwargs: passed to :class:`DynamicSparsity` (``distribution``, ``include``, ``exclude``,
-            ``sparse_first_last``, ``seed``, ``log_per_layer``).
+        distribution: ``"erk"`` or ``"uniform"`` initial densities.
+        include: fnmatch patterns of weights to make sparse (as in ``DynamicSparsity``).
+        exclude: fnmatch patterns of weights to keep dense.
+        sparse_first_last: also sparsify the first and the last candidate weight.
+        seed: seed of the random initial masks and random growth (identical on every rank).
+        log_per_layer: log ``sparsity/<param>`` for every layer at each update.
+        max_postponed: consecutive non-finite update steps tolerated before giving up.
 
     Example:
         >>> cb = Chase(density=0.1, channel_sparsity=0.4, minimum_ratio=0.2, stop_gmp_epochs=80, stop_dst_epochs=20)
@@ -157,29 +128,33 @@ class Chase(DynamicSparsity):
         slim: str = "during",
         round_to: int | None = None,
         input_shape: tuple[int, int, int] | None = None,
-        **kwargs: Any,
+        distribution: str = "erk",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        sparse_first_last: bool = False,
+        seed: int = 0,
+        log_per_layer: bool = True,
+        max_postponed: int = 10,
     ) -> None:
-        super().__init__(density=density, growth=growth, drop_fraction=drop_fraction,
-                         update_interval=update_interval, stop_step=10**12, **kwargs)
         phase2_drop_fraction = tuple(phase2_drop_fraction)  # type: ignore[assignment]
-        _check_chase_args(channel_sparsity, minimum_ratio, channel_interval_epochs, stop_gmp_epochs,
-                          stop_dst_epochs, phase2_drop_fraction, score, slim, round_to)
-        self.channel_sparsity, self.minimum_ratio = channel_sparsity, minimum_ratio
-        self.channel_interval_epochs, self.stop_gmp_epochs = channel_interval_epochs, stop_gmp_epochs
-        self.stop_dst_epochs, self.phase2_drop_fraction = stop_dst_epochs, phase2_drop_fraction
-        self.score, self.slim, self.round_to, self.input_shape = score, slim, round_to, input_shape
+        args = dict(locals())
+        args.pop("self")
+        check_chase_args(args)
+        args.pop("max_postponed")
+        vars(self).update(args)  # every argument becomes an attribute of the same name
+        self.engine = MaskEngine()
+        self.guard = UpdateGuard(max_postponed)
+        self.channels = ChannelBook()
+        self.num_updates = 0
         self.budget = 0
         self.groups: dict[str, ChannelGroup] = {}
-        self.start_channels: dict[str, int] = {}
-        self.removed: dict[str, list[int]] = {}  # candidate conv -> removed channels, original indexing
-        self.slimmed: dict[str, list[int]] = {}  # the subset already deleted physically
-        self.allowed: dict[str, torch.Tensor] = {}  # param -> positions that may be nonzero (False: removed)
         self.arch: dict[str, dict[str, int]] | None = None  # channel config after slimming
-        self._phase2_started = False
-        self._pending_slim = False
-        self._example: torch.Tensor | None = None
+        self.schedule: ChaseSchedule | None = None
         self.dense_flops = 0
         self.flops_ratio = 1.0
+        self.pending_slim = False
+        self._phase2_started = False
+        self._example: torch.Tensor | None = None
 
     @property
     @override
@@ -187,28 +162,24 @@ class Chase(DynamicSparsity):
         return self._generate_state_key(density=self.density, channel_sparsity=self.channel_sparsity, score=self.score)
 
     # ----------------------------------------------------------------------------------- public API
+    masks = property(lambda self: self.engine.masks, doc="Unstructured masks of the sparse layers (True = kept).")
+    removed = property(lambda self: self.channels.removed, doc="Candidate layer -> removed channels (original ids).")
+    slimmed = property(lambda self: self.channels.slimmed, doc="The removed channels already deleted physically.")
+    start_channels = property(lambda self: self.channels.start, doc="Candidate layer -> channels at the start.")
+
+    def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The live masks (``MaskSource`` protocol)."""
+        return self.engine.masks
+
     def active_channels(self, pl_module: pl.LightningModule | None = None) -> dict[str, int]:
         """Candidate layer -> channels still active (for logging and SAD plots)."""
-        return {k: self.start_channels[k] - len(self.removed.get(k, [])) for k in self.start_channels}
+        return self.channels.active()
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        """One input for tracing the model with Torch-Pruning."""
+        """One input for tracing the model with Torch-Pruning (cached, on the module's device)."""
         if self._example is None:
-            example = getattr(pl_module, "example_input_array", None)
-            if not torch.is_tensor(example):
-                shape = self.input_shape
-                dm = getattr(trainer, "datamodule", None)
-                if shape is None and dm is not None and hasattr(dm, "in_chans") and hasattr(dm, "image_size"):
-                    shape = (int(dm.in_chans), int(dm.image_size), int(dm.image_size))
-                if shape is None:
-                    raise ValueError(
-                        "Chase needs an example input to trace the model: set `input_shape=(C, H, W)`, or "
-                        "`example_input_array` on the LightningModule, or use a datamodule with `in_chans` and `image_size`."
-                    )
-                example = torch.randn(1, *shape)
-            self._example = example[:1].detach()
-        device = next(pl_module.parameters()).device
-        return self._example.to(device)
+            self._example = example_input(trainer, pl_module, self.input_shape, "Chase")
+        return self._example.to(next(pl_module.parameters()).device)
 
     # ------------------------------------------------------------------------------------- hooks
     @override
@@ -216,10 +187,9 @@ class Chase(DynamicSparsity):
         check_strategy(trainer, type(self).__name__)
         if stage != "fit":
             return
-        self._hook_checkpoint_loading(trainer, pl_module)
-        if not self.masks:
+        _hook_checkpoint_loading(trainer, lambda ckpt: self._run_restore_architecture(trainer, pl_module, ckpt))
+        if not self.engine.masks:
             self._run_init_masks(pl_module)
-            self.budget = sum(int(m.sum()) for m in self.masks.values())
         if not self.groups:
             self._run_find_candidates(trainer, pl_module)
 
@@ -229,7 +199,13 @@ class Chase(DynamicSparsity):
             rank_zero_warn(f"Chase: slim='during' needs a single-device strategy, got {type(trainer.strategy).__name__}; "
                            "removed channels stay zero during training and are slimmed at the end of fit.")
             self.slim = "end"
-        super().on_train_start(trainer, pl_module)
+        self.schedule = ChaseSchedule.for_training(
+            trainer.max_epochs or 0, steps_per_epoch(trainer), total_steps(trainer), self.stop_dst_epochs,
+            self.stop_gmp_epochs, self.channel_interval_epochs, self.channel_sparsity, self.drop_fraction,
+            self.phase2_drop_fraction)
+        self.engine.bind(pl_module)
+        self.engine.enforce(trainer.optimizers)
+        self._log(trainer, {})
         if not self.groups:  # after a resume: trace the (possibly slimmed) model again
             self._run_find_candidates(trainer, pl_module)
 
@@ -237,16 +213,21 @@ class Chase(DynamicSparsity):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._is_channel_step(trainer, trainer.global_step):
-            self._run_channel_removal(trainer, pl_module, trainer.global_step)
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # DST update + gradient masking
+        step, schedule = trainer.global_step, self.schedule
+        assert schedule is not None, "Chase: on_train_start sets the schedule"
+        if schedule.is_channel_step(step):
+            self._run_channel_removal(trainer, pl_module, step)
+        scheduled = step > 0 and step % self.update_interval == 0 and step < schedule.total_steps
+        if self.guard.due(scheduled, self.engine.non_finite, step, "Chase"):
+            self._run_update(trainer, step)
+        self.engine.mask_grads()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._pending_slim:
+        self.engine.apply_weights()
+        if self.pending_slim:
             self._run_slim(trainer, pl_module)
 
     @override
@@ -256,77 +237,40 @@ class Chase(DynamicSparsity):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            budget=self.budget,
-            start_channels=dict(self.start_channels),
-            removed={k: list(v) for k, v in self.removed.items()},
-            slimmed={k: list(v) for k, v in self.slimmed.items()},
-            allowed={k: v.detach().cpu().clone() for k, v in self.allowed.items()},
-            arch=self.arch,
-            dense_flops=self.dense_flops,
-            phase2_started=self._phase2_started,
-        )
-        return state
+        return {**self.engine.state_dict(), **self.channels.state_dict(), "num_updates": self.num_updates,
+                "budget": self.budget, "arch": self.arch, "dense_flops": self.dense_flops,
+                "phase2_started": self._phase2_started, "guard": self.guard.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        self.engine.load_state_dict(state_dict)
+        self.channels.load_state_dict(state_dict)
+        self.num_updates = int(state_dict["num_updates"])
         self.budget = int(state_dict["budget"])
-        self.start_channels = dict(state_dict["start_channels"])
-        self.removed = {k: list(v) for k, v in state_dict["removed"].items()}
-        self.slimmed = {k: list(v) for k, v in state_dict["slimmed"].items()}
-        device = {k: p.device for k, p in self._params.items()}
-        self.allowed = {k: v.to(device.get(k, "cpu")) for k, v in state_dict["allowed"].items()}
         self.arch = state_dict["arch"]
         self.dense_flops = int(state_dict.get("dense_flops", 0))
         self._phase2_started = bool(state_dict["phase2_started"])
+        self.guard.load_state_dict(state_dict.get("guard", {}))
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
-    # ----------------------------------------------------------------------------------- schedule
-    def _steps_per_epoch(self, trainer: pl.Trainer) -> int:
-        return max(1, int(trainer.estimated_stepping_batches) // max(1, trainer.max_epochs or 1))
-
-    @override
-    def resolved_stop_step(self, trainer: pl.Trainer) -> int:
-        return int(trainer.estimated_stepping_batches)
-
-    def _phase2_start(self, trainer: pl.Trainer) -> int:
-        return int(trainer.estimated_stepping_batches) - self.stop_dst_epochs * self._steps_per_epoch(trainer)
-
-    def _is_channel_step(self, trainer: pl.Trainer, step: int) -> bool:
-        if self.channel_sparsity == 0 or step == 0:
-            return False
-        spe = self._steps_per_epoch(trainer)
-        interval = self.channel_interval_epochs * spe
-        return step % interval == 0 and step <= self.stop_gmp_epochs * spe
-
-    def _check_stop(self, trainer: pl.Trainer) -> None:
-        epochs = trainer.max_epochs or 0
-        if epochs > 0 and (self.stop_gmp_epochs > epochs or self.stop_dst_epochs >= epochs):
-            raise ValueError(
-                f"Chase schedule does not fit max_epochs={epochs}: stop_gmp_epochs={self.stop_gmp_epochs} "
-                f"must be <= max_epochs and stop_dst_epochs={self.stop_dst_epochs} < max_epochs."
-            )
-
     # ----------------------------------------------------------------------------------- internals
-    @override
-    def _enforced_masks(self) -> dict[str, torch.Tensor]:
-        """Masks of the sparse layers plus the zero-slices of removed channels in other parameters."""
-        out = dict(self.masks)
-        for name, allowed in self.allowed.items():
-            out[name] = out[name] & allowed if name in out else allowed
-        return out
+    def _seed(self, step: int) -> int:
+        return self.seed * 1_000_003 + step
 
-    @override
-    def _refresh_params(self, pl_module: pl.LightningModule) -> None:
-        self._mult = None
-        named = dict(pl_module.named_parameters())
-        self._params = {k: named[k] for k in {*self.masks, *self.allowed}}
-        for store in (self.masks, self.allowed):
-            for k, m in store.items():
-                if m.device != named[k].device:
-                    store[k] = m.to(named[k].device)
+    def _generator(self, step: int) -> torch.Generator:
+        # Same seed on every rank -> identical random choices under DDP without communication.
+        return torch.Generator().manual_seed(self._seed(step))
+
+    def _run_init_masks(self, pl_module: pl.LightningModule) -> None:
+        selection = select_targets(pl_module, self.include, self.exclude, first_last=not self.sparse_first_last,
+                                   owner="Chase")
+        params = dict(pl_module.named_parameters())
+        self.engine.masks = initial_masks({n: params[n] for n in selection.names}, self.density, self.distribution,
+                                          self._generator(-1))
+        self.engine.bind(pl_module)
+        self.engine.apply_weights()
+        self.budget = sum(int(m.sum()) for m in self.masks.values())
+        rank_zero_info(f"Chase: {selection.describe()} sparse, budget B={self.budget:,} ({self.distribution})")
 
     def _run_find_candidates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
@@ -345,211 +289,112 @@ class Chase(DynamicSparsity):
                 f"(Torch-Pruning candidates: {sorted(groups)}; sparse layers: {sorted(self.masks)[:6]}). "
                 "Use channel_sparsity=0 for unstructured Chase only, or DynamicSparsity."
             )
-        if not self.start_channels:
-            self.start_channels = {k: g.channels for k, g in self.groups.items()}
+        if not self.channels.start:
+            self.channels.start = {k: g.channels for k, g in self.groups.items()}
             self.dense_flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
 
-    def _hook_checkpoint_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-slim the model from a checkpoint's channel config right before its weights load.
-
-        Lightning restores the model weights (strictly) before any callback state, so a slimmed
-        checkpoint cannot wait for ``load_state_dict``. The strategy's ``load_model_state_dict`` gets
-        the whole checkpoint: wrapping it lets the architecture be rebuilt first, for ``fit``,
-        ``validate`` and ``test`` alike, without anything from the LightningModule.
-        """
-        strategy = trainer.strategy
-        if getattr(strategy.load_model_state_dict, "_chase_hook", False):
-            return
-        original = strategy.load_model_state_dict
-
-        def load_model_state_dict(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
-            self._run_restore_architecture(trainer, pl_module, checkpoint)
-            return original(checkpoint, *args, **kwargs)
-
-        load_model_state_dict._chase_hook = True  # type: ignore[attr-defined]
-        strategy.load_model_state_dict = load_model_state_dict  # type: ignore[method-assign]
-
     def _run_restore_architecture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        arch = state.get("arch")
+        arch = (checkpoint.get("callbacks", {}).get(self.state_key) or {}).get("arch")
         if arch and arch != channel_config(pl_module):
             apply_channel_config(pl_module, arch, self.example_inputs(trainer, pl_module))
             self.arch = arch
             self.groups = {}
             rank_zero_info("Chase: rebuilt the slim architecture from the checkpoint before loading its weights.")
 
-    def _layer_scores(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """UMM scores and active flags of every candidate layer, in the current (maybe slimmed) indexing."""
-        scores, active = {}, {}
-        masks = self._enforced_masks()
-        for layer, group in self.groups.items():
-            name = f"{layer}.weight"
-            scores[layer] = channel_scores(self._params[name], masks[name], self.score).cpu()
-            act = torch.ones(group.channels, dtype=torch.bool)
-            gone = self._current_index(layer, self.removed.get(layer, []))
-            act[gone] = False
-            active[layer] = act
-        return scores, active
-
-    def _original_channels(self, layer: str) -> list[int]:
-        """Original channel ids of the current channels of ``layer`` (identity before slimming)."""
-        slimmed = set(self.slimmed.get(layer, []))
-        return [c for c in range(self.start_channels[layer]) if c not in slimmed]
-
-    def _current_index(self, layer: str, original: list[int]) -> list[int]:
-        pos = {c: i for i, c in enumerate(self._original_channels(layer))}
-        return [pos[c] for c in original if c in pos]
-
     def _run_channel_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        spe = self._steps_per_epoch(trainer)
-        s_t = channel_sparsity_schedule(step, self.stop_gmp_epochs * spe, self.channel_sparsity)
-        scores, active = self._layer_scores()
-        total_start = sum(self.start_channels.values())
+        assert self.schedule is not None
+        s_t = self.schedule.channel_target(step)
+        masks, params = self.engine.enforced(), self.engine.params
+        scores = {k: channel_scores(params[f"{k}.weight"], masks[f"{k}.weight"], self.score).cpu() for k in self.groups}
+        active = {k: self.channels.active_flags(k, g.channels) for k, g in self.groups.items()}
         n_active = sum(int(a.sum()) for a in active.values())
-        n_remove = n_channels_to_remove(n_active, total_start, s_t)
+        n_remove = n_channels_to_remove(n_active, sum(self.channels.start.values()), s_t)
         if n_remove == 0:
             return
-        floors = {k: channel_floor(self.start_channels[k], self.channel_sparsity, self.minimum_ratio) for k in self.groups}
         # floors are in original channels; slimmed channels are already gone from `active`
+        floors = {k: channel_floor(self.channels.start[k], self.channel_sparsity, self.minimum_ratio) for k in self.groups}
         chosen = select_channels_to_remove(scores, active, floors, n_remove)
         named = dict(pl_module.named_parameters())
         for layer, idx in chosen.items():
             if idx.numel() == 0:
                 continue
-            original = self._original_channels(layer)
-            self.removed.setdefault(layer, []).extend(original[i] for i in idx.tolist())
+            self.channels.remove(layer, idx.tolist())
             for name, (dim, pos) in self.groups[layer].indices(idx).items():
-                p = named[name]
-                allowed = self.allowed.get(name)
-                if allowed is None:
-                    allowed = torch.ones_like(p, dtype=torch.bool)
-                self.allowed[name] = allowed.index_fill(dim, pos.to(p.device), False)
-        for name, allowed in self.allowed.items():  # removed channels leave the masks for good
-            if name in self.masks:
-                self.masks[name] = self.masks[name] & allowed
-        self._refresh_params(pl_module)
-        self._enforce(trainer)
+                self.engine.block(name, named[name], dim, pos)  # never grows again
+        self.engine.bind(pl_module)
+        self.engine.enforce(trainer.optimizers)
         self._run_redistribute(trainer)
-        self._enforce(trainer)
-        if self.slim == "during":
-            self._pending_slim = True
+        self.engine.enforce(trainer.optimizers)
+        self.pending_slim = self.slim == "during"
         rank_zero_info(f"Chase: step {step}: channel sparsity target {s_t:.3f}, removed {n_remove} channels")
         self._log_channels(trainer)
 
-    def _effective_shape(self, name: str) -> tuple[int, ...]:
-        p = self._params[name]
-        allowed = self.allowed.get(name)
-        if allowed is None:
-            return tuple(p.shape)
-        dims = list(p.shape)
-        for d in range(min(2, p.ndim)):
-            other = tuple(i for i in range(p.ndim) if i != d)
-            dims[d] = int(allowed.any(dim=other).sum()) if other else int(allowed.sum())
-        return tuple(dims)
-
     def _run_redistribute(self, trainer: pl.Trainer) -> None:
         """ERK over the remaining shapes with the same budget B; bring every layer to its count now."""
-        shapes = {n: self._effective_shape(n) for n in self.masks}
-        targets = redistribute_budget(shapes, self.budget)
-        for name, mask in self.masks.items():
-            p = self._params[name]
-            have, want = int(mask.sum()), targets[name]
-            if want > have:
-                grown = global_grow({name: mask}, want - have, self.growth, {name: p.grad},
-                                    self._generator(trainer.global_step), {name: self.allowed[name]} if name in self.allowed else None)
-                self.masks[name] = grown[name]
-            elif want < have:
-                self.masks[name] = global_magnitude_prune({name: p}, {name: mask}, want)[name]
+        params = self.engine.params
+        self.engine.masks = redistribute_masks({n: params[n] for n in self.masks}, self.masks, self.engine.allowed,
+                                               self.budget, self.growth, self._seed(trainer.global_step))
 
-    @override
-    def _run_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        self._check_finite(step)
-        gen = self._generator(step)
-        allowed = self.allowed or None
-        grads = {n: self._params[n].grad for n in self.masks}
-        p2 = self._phase2_start(trainer)
-        if step < p2:  # phase 1: soft memory bound, global decisions
-            p_t = cosine_drop_fraction(step, max(1, p2), self.drop_fraction)
-            masks = global_magnitude_prune(self._params, self.masks, self.budget)
-            k = int(round(p_t * self.budget))
-            self.masks = global_grow(masks, k, self.growth, grads, gen, allowed)
-            phase, grown = 1, k
+    def _run_update(self, trainer: pl.Trainer, step: int) -> None:
+        assert self.schedule is not None
+        gen, params = self._generator(step), self.engine.params
+        grads = {n: params[n].grad for n in self.masks}
+        if not self.schedule.in_phase2(step):  # phase 1: soft memory bound, global decisions
+            p_t = self.schedule.phase1_fraction(step)
+            grown = int(round(p_t * self.budget))
+            self.engine.masks = soft_bound_update(params, self.masks, grads, self.budget, grown, self.growth, gen,
+                                                  self.engine.allowed)
+            phase = 1
         else:  # phase 2: strict budget, per-layer RigL
             if not self._phase2_started:
-                self.masks = global_magnitude_prune(self._params, self.masks, self.budget)
+                self.engine.masks = global_magnitude_prune(params, self.masks, self.budget)
                 self._phase2_started = True
-            total = max(1, self.resolved_stop_step(trainer) - p2)
-            hi, lo = self.phase2_drop_fraction
-            p_t = cosine_drop_fraction(step - p2, total, hi, lo)
-            grown = 0
-            for name, mask in self.masks.items():
-                n_swap = int(round(p_t * int(mask.sum())))
-                new = drop_grow(self._params[name], mask, n_swap, self.growth, grads[name], gen,
-                                self.allowed.get(name))
-                grown += int((new & ~mask).sum())
-                self.masks[name] = new
+            p_t = self.schedule.phase2_fraction(step)
+            self.engine.masks, grown = strict_budget_update(params, self.masks, grads, p_t, self.growth, gen,
+                                                            self.engine.allowed)
             phase = 2
         self.num_updates += 1
-        self._enforce(trainer)
+        self.engine.enforce(trainer.optimizers)
         self._log(trainer, {"dst/drop_fraction": p_t, "dst/regrown": float(grown), "dst/phase": float(phase),
                             "dst/active_weights": float(sum(int(m.sum()) for m in self.masks.values()))})
 
     def _run_slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pending_slim = False
-        todo = {}
-        for layer, removed in self.removed.items():
-            done = set(self.slimmed.get(layer, []))
-            pending = [c for c in removed if c not in done]
-            if pending:
-                todo[layer] = self._current_index(layer, pending)
+        self.pending_slim = False
+        todo = self.channels.pending_slim()
         if not todo:
             return
         old_params = dict(pl_module.named_parameters())
         result = slim_model(pl_module, todo, self.example_inputs(trainer, pl_module), round_to=self.round_to,
                             return_result=True)
-        new_params = dict(pl_module.named_parameters())
         for layer, idx in result.removed.items():
-            original = self._original_channels(layer)
-            self.slimmed.setdefault(layer, []).extend(original[i] for i in idx)
+            self.channels.mark_slimmed(layer, list(idx))
         # rounding may keep some removed channels: they stay zero through `allowed`
-        for store in (self.masks, self.allowed):
+        for store in (self.engine.masks, self.engine.allowed):
             for name in list(store):
                 store[name] = result.slice(name, store[name])
-        self._swap_optimizer_params(trainer, old_params, new_params, result)
-        self.allowed = {k: v for k, v in self.allowed.items() if not bool(v.all())}
+        self.engine.swap_parameters(trainer.optimizers, old_params, dict(pl_module.named_parameters()), result.slice)
+        self.engine.allowed = {k: v for k, v in self.engine.allowed.items() if not bool(v.all())}
         self.arch = channel_config(pl_module)
         self.groups = {}
         self._run_find_candidates(trainer, pl_module)
-        self._refresh_params(pl_module)
-        self._enforce(trainer)
+        self.engine.bind(pl_module)
+        self.engine.enforce(trainer.optimizers)
         flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
         self.flops_ratio = flops / self.dense_flops if self.dense_flops else 1.0
         log_metrics(trainer, {"channels/params": float(sum(p.numel() for p in pl_module.parameters())),
                               "channels/flops_ratio": self.flops_ratio})
         rank_zero_info(f"Chase: slimmed the model; FLOPs {self.flops_ratio:.3f}x of dense")
 
-    @staticmethod
-    def _swap_optimizer_params(trainer: pl.Trainer, old: dict, new: dict, result: Any) -> None:
-        """Point every optimizer at the new Parameter objects, slicing their state like the weights."""
-        names = {p: n for n, p in old.items()}  # Parameters hash by identity
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                for i, p in enumerate(group["params"]):
-                    name = names.get(p)
-                    if name is None or new[name] is p:
-                        continue
-                    group["params"][i] = new[name]
-                    state = opt.state.pop(p, None)
-                    if state is not None:
-                        opt.state[new[name]] = {
-                            k: result.slice(name, v) if torch.is_tensor(v) and v.shape == p.shape else v
-                            for k, v in state.items()
-                        }
+    def _log(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
+        metrics = {"sparsity/global": 1.0 - self.engine.density(), **extra}
+        if self.log_per_layer:
+            metrics.update({f"sparsity/{n}": 1.0 - m.float().mean().item() for n, m in self.masks.items()})
+        log_metrics(trainer, metrics)
 
     def _log_channels(self, trainer: pl.Trainer) -> None:
         active = self.active_channels()
         metrics = {f"channels/{k}": float(v) for k, v in active.items()}
         metrics["channels/global"] = float(sum(active.values()))
-        metrics["channels/global_fraction"] = sum(active.values()) / max(1, sum(self.start_channels.values()))
-        metrics["sparsity/global"] = 1.0 - global_density(self.masks)
+        metrics["channels/global_fraction"] = sum(active.values()) / max(1, sum(self.channels.start.values()))
+        metrics["sparsity/global"] = 1.0 - self.engine.density()
         log_metrics(trainer, metrics)

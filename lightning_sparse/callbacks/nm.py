@@ -1,20 +1,39 @@
-"""SR-STE N:M sparsity as a Callback that attaches to any LightningModule."""
+"""SR-STE N:M sparsity as a Callback that attaches to any LightningModule.
+
+How the masked weight reaches every consumer: during each training batch and each evaluation loop the
+Parameter itself holds ``W̃ = W ⊙ M(W)`` (:meth:`MaskEngine.write_masked`), and the dense ``W`` is put
+back before the optimizer step and at the end of the batch/loop. This was chosen over replacing a
+module's ``forward`` (blind to a parent reading ``child.weight`` — ``nn.MultiheadAttention`` reads
+``out_proj.weight`` — to fused fast paths such as ``nn.TransformerEncoderLayer`` in eval, and to ``F.*``
+calls on the Parameter) and over ``torch.nn.utils.parametrize`` (renames parameters and ``state_dict``
+keys to ``*.parametrizations.weight.original``, recomputes the mask at every attribute read, and needs
+state-dict hooks to look plain). With the value swap, names, keys, the optimizer's Parameter objects and
+DDP's hooks stay untouched, and checkpoints always hold the dense ``W`` (they are written between batches).
+
+Gradient: the forward and backward run on ``W̃``, so autograd delivers exactly ``∂L/∂W̃`` to the
+Parameter (the straight-through estimator). In ``on_before_optimizer_step`` — after the GradScaler has
+unscaled the gradients and after all accumulated micro-batches — the dense ``W`` is restored and
+``λ_W · (1 − M(W)) ⊙ W`` is added once, so the optimizer sees exactly the SR-STE gradient of DESIGN.md §4
+and its own weight decay acts on the dense ``W``.
+"""
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy
-from lightning_sparse.sparsity.nm import Layout, bake_nm, check_layout, check_nm, nm_mask, nm_skip_reason, srste
+from lightning_sparse.checks import check_choice, check_patterns, check_range
+from lightning_sparse.sparsity.engine import MaskEngine
+from lightning_sparse.sparsity.nm import LAYOUTS, Layout, bake_nm, check_nm, nm_mask, nm_skip_reason
+from lightning_sparse.sparsity.targets import select_targets
 
 __all__ = ["NMSparsity"]
 
@@ -22,29 +41,17 @@ Mode = Literal["srste", "ste"]
 MODES = ("srste", "ste")
 
 
-class _MaskedForward:
-    """Replacement ``forward`` of one Conv2d/Linear instance: runs the layer with ``srste(weight)``."""
-
-    def __init__(self, module: nn.Conv2d | nn.Linear, callback: NMSparsity) -> None:
-        self.module, self.callback = module, callback
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mod, cb = self.module, self.callback
-        w = cb._forward_weight(mod.weight)
-        if isinstance(mod, nn.Conv2d):
-            return mod._conv_forward(x, w, mod.bias)
-        return F.linear(x, w, mod.bias)
-
-
 class NMSparsity(pl.Callback):
     """N:M fine-grained sparsity trained with SR-STE (Zhou et al. 2021) or the vanilla STE.
 
-    In ``setup`` the forward of every target Conv2d/Linear instance is replaced by one that uses
-    ``srste(weight, n, m, decay, layout)``: the dense weights stay the trained parameters, the forward
-    (training *and* evaluation) sees ``W ⊙ M(W)`` with the mask recomputed from the current weights, and the
-    backward adds ``decay · (1 − M(W)) ⊙ W``. Parameter names are untouched (no parametrization, no
-    ``weight_orig``), so the model's ``state_dict`` keeps its plain keys; ``teardown``/``detach`` restore the
-    original forwards. Call :meth:`bake` before exporting to write the masked weights as exact zeros.
+    Targets are the matmul/conv weights of the module (:mod:`lightning_sparse.sparsity.targets`: Linear,
+    Conv1d/2d/3d, ``nn.MultiheadAttention.in_proj_weight``, timm ViT ``qkv``/``proj``/``fc1``/``fc2``). The
+    dense weights stay the trained parameters; every forward in training *and* evaluation sees
+    ``W ⊙ M(W)`` with the mask recomputed from the current weights, however the module reads its weight
+    (see the module docstring), and the optimizer receives ``∂L/∂W̃ + decay · (1 − M(W)) ⊙ W``.
+    Parameter names and ``state_dict`` keys are untouched; between batches (checkpoints, other callbacks)
+    the Parameters hold the dense ``W``. Outside a Trainer, ``with nm.masked(module): ...`` runs code on the
+    masked weights; :meth:`bake` writes them as exact zeros before export.
 
     Masks are a function of the weights, so they need no storage: resuming from a checkpoint restores the
     weights and therefore the masks; on DDP every rank holds the same weights and thus the same masks.
@@ -58,15 +65,11 @@ class NMSparsity(pl.Callback):
             ``"flattened"`` (groups over C_in·k_h·k_w, an ablation).
         decay: λ_W of SR-STE (2e-4 in the paper), a float or a ``Callable[[int], float]`` of the global step.
         mode: ``"srste"`` or ``"ste"`` (vanilla straight-through estimator: decay forced to 0).
-        include: fnmatch patterns on parameter names selecting the Conv2d/Linear weights to sparsify;
-            default every Conv2d/Linear weight. A pattern matching none of them is an error.
+        include: fnmatch patterns on parameter names selecting the weights to sparsify (any weight with
+            >= 2 dims); default every candidate weight. A pattern matching nothing is an error.
         exclude: fnmatch patterns removing weights from the selection (each must match one).
         dense_warmup_steps: train dense for this many optimizer steps before masking starts
             (masking is off in every stage until then).
-
-    Under fp16 mixed precision the decay is multiplied by the GradScaler's current scale before the
-    backward, and divided by ``accumulate_grad_batches``, so the gradient the optimizer sees is exactly
-    ``∂L/∂W̃ + decay · (1 − M) ⊙ W`` per optimizer step.
 
     Raises:
         ValueError: invalid arguments (in ``__init__``) or patterns/``m`` that fit no layer (in ``setup``).
@@ -89,7 +92,14 @@ class NMSparsity(pl.Callback):
         dense_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        self._validate(n, m, layout, decay, mode, include, exclude, dense_warmup_steps)
+        check_nm(n, m)
+        check_choice("layout", layout, LAYOUTS)
+        check_choice("mode", mode, MODES)
+        if not callable(decay):
+            check_range("decay", decay, 0, low_inclusive=True, what="λ_W, a float or a Callable[[int], float]")
+        check_patterns("include", include)
+        check_patterns("exclude", exclude)
+        check_range("dense_warmup_steps", dense_warmup_steps, 0, low_inclusive=True, integer=True)
         self.n, self.m, self.layout, self.mode = n, m, layout, mode
         self.decay = 0.0 if mode == "ste" else decay
         self.include, self.exclude = include, exclude
@@ -97,26 +107,11 @@ class NMSparsity(pl.Callback):
         self.targets: list[str] = []  # parameter names under N:M
         self.skipped: dict[str, str] = {}  # parameter name -> reason
         self.global_step = 0
+        self.coverage = 0.0
+        self.engine = MaskEngine()
         self._decay_now = 0.0 if callable(self.decay) else float(self.decay)
-        self._decay_applied = self._decay_now
-        self._patched: dict[str, tuple[nn.Module, Any]] = {}  # module name -> (module, its own instance forward)
-        self._coverage = 0.0
-
-    @staticmethod
-    def _validate(
-        n: Any, m: Any, layout: Any, decay: Any, mode: Any, include: Any, exclude: Any, dense_warmup_steps: Any
-    ) -> None:
-        check_nm(n, m)
-        check_layout(layout)
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not supported; choose one of {list(MODES)}.")
-        if not callable(decay) and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0):
-            raise ValueError(f"`decay` must be a float >= 0 or a Callable[[int], float], got decay={decay!r}.")
-        for arg, pats in (("include", include), ("exclude", exclude)):
-            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
-                raise ValueError(f"`{arg}` must be a list of fnmatch patterns (str) or None, got {arg}={pats!r}.")
-        if isinstance(dense_warmup_steps, bool) or not isinstance(dense_warmup_steps, int) or dense_warmup_steps < 0:
-            raise ValueError(f"`dense_warmup_steps` must be an int >= 0, got dense_warmup_steps={dense_warmup_steps!r}.")
+        self._hooks: list[Any] = []
+        self._window = False  # inside a training batch or an evaluation loop
 
     @property
     @override
@@ -127,8 +122,8 @@ class NMSparsity(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
-        if not self._patched:
-            self._run_attach(pl_module)
+        if not self._hooks:
+            self.attach(pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -136,33 +131,59 @@ class NMSparsity(pl.Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._run_step(trainer.global_step, self._loss_scale(trainer) / max(1, trainer.accumulate_grad_batches))
+        self._run_step(trainer.global_step)
+        self._open()
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run_step(trainer.global_step)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run_step(trainer.global_step)
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.engine.restore_dense():
+            ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self.engine.add_decay(self._decay_now, ids)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._run_log(pl_module)
+        self._close()
+        sparsity = self.coverage * (1.0 - self.n / self.m) if self.masking else 0.0
+        pl_module.log_dict({"nm/coverage": self.coverage, "sparsity/global": sparsity, "nm/decay": self._decay_now})
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run_step(trainer.global_step)
+        self._open()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()  # never leave masked values in the trained Parameters
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "m": self.m,
-            "layout": self.layout,
-            "mode": self.mode,
-            "dense_warmup_steps": self.dense_warmup_steps,
-            "targets": list(self.targets),
-            "global_step": self.global_step,
-        }
+        return {"n": self.n, "m": self.m, "layout": self.layout, "mode": self.mode,
+                "dense_warmup_steps": self.dense_warmup_steps, "targets": list(self.targets),
+                "global_step": self.global_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -170,29 +191,62 @@ class NMSparsity(pl.Callback):
         ours = {"n": self.n, "m": self.m, "layout": self.layout, "mode": self.mode}
         if saved != ours:
             raise ValueError(f"NMSparsity checkpoint was saved with {saved}, this callback has {ours}.")
-        self.global_step = int(state_dict["global_step"])
-        self._run_step(self.global_step)
+        self._run_step(int(state_dict["global_step"]))
 
     # ------------------------------------------------------------------ public
     def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """``{parameter name: M(W)}`` for every N:M layer, from the current weights (MaskSource protocol)."""
-        targets = self.targets or self._resolve_targets(pl_module)[0]
+        """``{parameter name: M(W)}`` for every N:M layer, from the dense weights (MaskSource protocol)."""
+        targets = self.targets or self._resolve(pl_module)[0]
         params = dict(pl_module.named_parameters())
-        return {name: nm_mask(params[name].detach(), self.n, self.m, self.layout) for name in targets}
+        dense = self.engine.dense if self.engine.is_masked else {}
+        return {k: nm_mask(dense.get(k, params[k]).detach(), self.n, self.m, self.layout) for k in targets}
 
     def bake(self, pl_module: nn.Module) -> list[str]:
         """Write ``W ⊙ M(W)`` into every N:M weight (exact zeros). Returns the baked parameter names."""
-        targets = self.targets or self._resolve_targets(pl_module)[0]
+        self.engine.restore_dense()
+        targets = self.targets or self._resolve(pl_module)[0]
         return bake_nm(pl_module, self.n, self.m, self.layout, names=targets)
 
+    def attach(self, module: nn.Module) -> None:
+        """Resolve the targets of ``module`` and install the forward pre-hooks that (re)write the masked
+        weights whenever a forward runs inside a training batch or an evaluation loop (e.g. a second
+        forward after a manual ``optimizer.step()``). ``setup`` calls it."""
+        self.detach()
+        self.targets, self.skipped = self._resolve(module)
+        self.engine.bind(module, self.targets)
+        owners = {t.rpartition(".")[0] for t in self.targets}
+        ancestors = {".".join(o.split(".")[:i]) for o in owners for i in range(len(o.split(".")) + 1)}
+        for name, mod in module.named_modules():
+            if name in ancestors:
+                self._hooks.append(mod.register_forward_pre_hook(self._pre_forward))
+        params = dict(module.named_parameters())
+        covered = sum(params[k].numel() for k in self.targets)
+        self.coverage = covered / max(1, covered + sum(params[k].numel() for k in self.skipped))
+        if self.skipped:
+            listed = "; ".join(f"{k} {tuple(params[k].shape)}: {r}" for k, r in self.skipped.items())
+            rank_zero_warn(f"NMSparsity {self.n}:{self.m} skips {len(self.skipped)} layer(s), left dense: {listed}")
+        rank_zero_info(
+            f"NMSparsity {self.n}:{self.m} ({self.mode}, layout={self.layout}) on {len(self.targets)} weights, "
+            f"coverage {self.coverage:.4f} of the selected weights' params."
+        )
+
     def detach(self) -> None:
-        """Restore the original forward of every patched module (the weights stay as they are)."""
-        for module, own_forward in self._patched.values():
-            if own_forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = own_forward
-        self._patched = {}
+        """Put the dense weights back and remove the hooks (the weights stay as they are)."""
+        self._close()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @contextmanager
+    def masked(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Run code on the masked weights outside a Trainer: ``with nm.masked(model): model(x)``."""
+        if not self._hooks:
+            self.attach(module)
+        self._open()
+        try:
+            yield module
+        finally:
+            self._close()
 
     @property
     def masking(self) -> bool:
@@ -200,86 +254,38 @@ class NMSparsity(pl.Callback):
         return self.global_step >= self.dense_warmup_steps
 
     # ------------------------------------------------------------------ internals
-    def _forward_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.masking:
-            return weight
-        return srste(weight, self.n, self.m, self._decay_applied, self.layout)
-
-    def _candidates(self, pl_module: nn.Module) -> dict[str, nn.Module]:
-        """``{weight parameter name: module}`` for every Conv2d/Linear with a weight."""
-        out = {}
-        for name, mod in pl_module.named_modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)) and isinstance(getattr(mod, "weight", None), nn.Parameter):
-                out[f"{name}.weight" if name else "weight"] = mod
-        return out
-
-    def _resolve_targets(self, pl_module: nn.Module) -> tuple[list[str], dict[str, str], dict[str, nn.Module]]:
-        candidates = self._candidates(pl_module)
-        names = list(candidates)
-        for arg, pats in (("include", self.include), ("exclude", self.exclude)):
-            missing = [p for p in pats or [] if not fnmatch.filter(names, p)]
-            if missing:
-                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-                raise ValueError(
-                    f"`{arg}` patterns {missing} match no Conv2d/Linear weight. Available: [{shown}]"
-                    f" ({len(names)} in total)."
-                )
-        if self.include is not None:
-            names = [k for k in names if any(fnmatch.fnmatchcase(k, p) for p in self.include)]
-        if self.exclude is not None:
-            names = [k for k in names if not any(fnmatch.fnmatchcase(k, p) for p in self.exclude)]
-        skipped = {}
-        for k in names:
-            mod = candidates[k]
-            reason = nm_skip_reason(mod.weight, self.m, self.layout)
-            if reason is None and isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels:
-                reason = "depthwise conv"
-            if reason is not None:
-                skipped[k] = reason
+    def _resolve(self, module: nn.Module) -> tuple[list[str], dict[str, str]]:
+        names = select_targets(module, self.include, self.exclude, first_last=False, owner="NMSparsity").names
+        params = dict(module.named_parameters())
+        skipped = {k: r for k in names if (r := nm_skip_reason(params[k], self.m, self.layout)) is not None}
         targets = [k for k in names if k not in skipped]
         if names and not targets:
-            dims = {k: tuple(candidates[k].weight.shape) for k in names[:8]}
+            dims = {k: tuple(params[k].shape) for k in names[:8]}
             raise ValueError(
                 f"m={self.m} is not supported for layout={self.layout!r} on this model: it divides the grouping "
                 f"dim of none of the {len(names)} target weights (shapes {dims}). Choose an m that divides "
                 f"{'C_in' if self.layout == 'input_channels' else 'C_in*k_h*k_w'} (e.g. m=4 for 2:4)."
             )
-        return targets, skipped, {k: candidates[k] for k in targets}
+        return targets, skipped
 
-    def _run_attach(self, pl_module: pl.LightningModule) -> None:
-        targets, skipped, modules = self._resolve_targets(pl_module)
-        self.targets, self.skipped = targets, skipped
-        for pname, module in modules.items():
-            self._patched[pname] = (module, module.__dict__.get("forward"))
-            module.forward = _MaskedForward(module, self)
-        params = dict(pl_module.named_parameters())
-        total = sum(params[k].numel() for k in targets) + sum(params[k].numel() for k in skipped)
-        self._coverage = sum(params[k].numel() for k in targets) / max(1, total)
-        if skipped:
-            listed = "; ".join(f"{k} {tuple(params[k].shape)}: {r}" for k, r in skipped.items())
-            rank_zero_warn(f"NMSparsity {self.n}:{self.m} skips {len(skipped)} layer(s), left dense: {listed}")
-        rank_zero_info(
-            f"NMSparsity {self.n}:{self.m} ({self.mode}, layout={self.layout}) on {len(targets)} weights, "
-            f"coverage {self._coverage:.4f} of sparse-layer params."
-        )
+    def _mask_fn(self, weight: torch.Tensor) -> torch.Tensor:
+        return nm_mask(weight, self.n, self.m, self.layout)
 
-    def _run_step(self, global_step: int, grad_factor: float = 1.0) -> None:
+    def _open(self) -> None:
+        self._window = True
+        if self.masking and self.engine.params:
+            self.engine.write_masked(self._mask_fn)
+
+    def _close(self) -> None:
+        self._window = False
+        self.engine.restore_dense()
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._window and self.masking and not self.engine.is_masked:
+            self.engine.write_masked(self._mask_fn)
+
+    def _run_step(self, global_step: int) -> None:
         self.global_step = int(global_step)
         self._decay_now = float(self.decay(self.global_step)) if callable(self.decay) else float(self.decay)
         if self._decay_now < 0:
             raise ValueError(f"`decay` callable returned {self._decay_now} at step {self.global_step}; must be >= 0.")
-        # the decay term is added inside backward, i.e. to the gradient of the loss as Lightning scales it
-        # (÷ accumulate_grad_batches, × the fp16 GradScaler scale): apply the same factor to it
-        self._decay_applied = self._decay_now * grad_factor
-
-    @staticmethod
-    def _loss_scale(trainer: pl.Trainer) -> float:
-        """Current GradScaler scale under fp16 mixed precision, else 1."""
-        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        return float(scaler.get_scale())
-
-    def _run_log(self, pl_module: pl.LightningModule) -> None:
-        sparsity = self._coverage * (1.0 - self.n / self.m) if self.masking else 0.0
-        pl_module.log_dict({"nm/coverage": self._coverage, "sparsity/global": sparsity, "nm/decay": self._decay_now})

@@ -278,7 +278,7 @@ class SADTracker(pl.Callback):
         density = {n: kept[n] / numel[n] if numel[n] else 1.0 for n in names}
         global_density = sum(kept.values()) / total if total else 1.0
         self._record(step, step_sad, vs_init, total, global_density, density, layer_sad, pl_module)
-        self._log(trainer, step_sad, vs_init, total, global_density, density, layer_sad)
+        self._log(trainer, step_sad, vs_init, global_density, density, layer_sad)
 
     def _sync_references(self, packed: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], step: int) -> None:
         """Start references for new layers; reset layers whose shape changed; drop vanished layers."""
@@ -321,7 +321,7 @@ class SADTracker(pl.Callback):
             _append_aligned(h["channels"], channels, n_before)
 
     def _log(
-        self, trainer: pl.Trainer, step_sad: int, vs_init: int, total: int, global_density: float,
+        self, trainer: pl.Trainer, step_sad: int, vs_init: int, global_density: float,
         density: dict[str, float], layer_sad: dict[str, int],
     ) -> None:
         h = self.history

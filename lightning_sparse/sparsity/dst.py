@@ -15,6 +15,9 @@ from typing import Literal
 
 import torch
 
+from lightning_sparse.sparsity.distributions import layer_counts, layer_densities
+from lightning_sparse.sparsity.masks import random_mask
+
 __all__ = [
     "Growth",
     "cosine_drop_fraction",
@@ -22,6 +25,7 @@ __all__ = [
     "topk_indices",
     "global_magnitude_prune",
     "global_grow",
+    "initial_masks",
 ]
 
 Growth = Literal["gradient", "random"]
@@ -167,3 +171,20 @@ def _split(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, to
         out[n] = flat[i : i + m.numel()].view_as(m).to(m.device)
         i += m.numel()
     return out
+
+
+def initial_masks(
+    weights: Mapping[str, torch.Tensor], density: float, distribution: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Random masks with per-layer densities from ``distribution`` and exactly ``round(density × total)``
+    kept weights in all, each on its weight's device.
+
+    Example:
+        >>> ms = initial_masks({"a": torch.zeros(8, 8), "b": torch.zeros(4, 8)}, 0.25, "uniform", torch.Generator())
+        >>> {k: int(m.sum()) for k, m in ms.items()}
+        {'a': 16, 'b': 8}
+    """
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    counts = layer_counts(layer_densities(shapes, density, distribution), shapes, total=int(round(density * total)))
+    return {n: random_mask(shapes[n], counts[n], generator, weights[n].device) for n in shapes}

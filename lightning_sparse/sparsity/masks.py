@@ -5,16 +5,16 @@ name from ``named_parameters()``. The invariant every sparsity callback maintain
 step each masked-out weight is exactly 0. :func:`apply_masks_` zeroes weights, :func:`mask_grads_`
 zeroes gradients before the step, and :func:`mask_optimizer_state_` zeroes every optimizer state tensor
 of the parameter's shape (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...), so no
-optimizer can revive a pruned weight — whatever optimizer it is.
+optimizer can revive a pruned weight — whatever optimizer it is. Which weights get masks is decided by
+:func:`lightning_sparse.sparsity.targets.select_targets`; :class:`~lightning_sparse.sparsity.engine.MaskEngine`
+holds them for the callbacks.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from torch import nn
 
 __all__ = [
     "Masks",
@@ -22,14 +22,10 @@ __all__ = [
     "mask_grads_",
     "mask_optimizer_state_",
     "random_mask",
-    "mask_density",
     "global_density",
-    "prunable_weights",
-    "select_names",
 ]
 
 Masks = dict[str, torch.Tensor]
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @torch.no_grad()
@@ -83,45 +79,8 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator, de
     return mask.view(*shape).to(device)
 
 
-def mask_density(mask: torch.Tensor) -> float:
-    """Fraction of kept positions."""
-    return mask.sum().item() / mask.numel()
-
-
 def global_density(masks: Mapping[str, torch.Tensor]) -> float:
     """Kept positions over all masks / all positions."""
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return kept / max(1, total)
-
-
-def prunable_weights(
-    module: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES
-) -> list[str]:
-    """Names (as in ``named_parameters()``) of the ``weight`` of every Conv/Linear, in registration order."""
-    names = []
-    for mod_name, mod in module.named_modules():
-        if isinstance(mod, types) and isinstance(getattr(mod, "weight", None), nn.Parameter):
-            names.append(f"{mod_name}.weight" if mod_name else "weight")
-    return names
-
-
-def select_names(
-    candidates: Sequence[str], include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
-) -> list[str]:
-    """Filter parameter names with fnmatch patterns (``*`` matches dots too).
-
-    Raises:
-        ValueError: a pattern matches none of the candidates (the message lists those patterns and a few
-            candidate names).
-    """
-    def unmatched(patterns: Sequence[str]) -> list[str]:
-        return [p for p in patterns if not any(fnmatch.fnmatchcase(c, p) for c in candidates)]
-
-    for arg, patterns in (("include", include), ("exclude", exclude)):
-        bad = unmatched(patterns or [])
-        if bad:
-            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
-            raise ValueError(f"{arg} pattern(s) {bad} match no prunable parameter; candidates are: {shown}.")
-    names = [c for c in candidates if include is None or any(fnmatch.fnmatchcase(c, p) for p in include)]
-    return [c for c in names if not any(fnmatch.fnmatchcase(c, p) for p in (exclude or []))]

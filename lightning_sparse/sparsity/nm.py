@@ -9,9 +9,10 @@ forward uses ``W̃ = W ⊙ M(W)`` with ``M(W)`` recomputed from the current weig
 
 Layouts (where the groups of ``m`` lie):
 
-- ``"input_channels"`` (default, what sparse tensor cores use): Linear ``(out, in)`` is grouped along
-  ``in``; Conv2d ``(C_out, C_in, k_h, k_w)`` along ``C_in``, separately for every ``(C_out, k_h, k_w)``
-  (as if permuted to ``(C_out, k_h, k_w, C_in)``).
+- ``"input_channels"`` (default, what sparse tensor cores use): Linear ``(out, in)`` (and any matmul
+  weight such as ``nn.MultiheadAttention.in_proj_weight``) is grouped along ``in``; Conv2d
+  ``(C_out, C_in, k_h, k_w)`` along ``C_in``, separately for every ``(C_out, k_h, k_w)`` (as if permuted
+  to ``(C_out, k_h, k_w, C_in)``); Conv1d/Conv3d likewise for every kernel position.
 - ``"flattened"`` (ablation): groups over the flattened ``C_in·k_h·k_w`` row of each output channel.
 
 A weight is eligible when its grouping dim is divisible by ``m`` and it has more than one input channel
@@ -30,6 +31,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from lightning_sparse.checks import check_choice
+from lightning_sparse.sparsity.targets import candidate_weights
 
 __all__ = [
     "Layout",
@@ -59,8 +63,7 @@ def check_nm(n: int, m: int) -> None:
 
 def check_layout(layout: str) -> None:
     """Raise ValueError for an unknown layout."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not supported; choose one of {list(LAYOUTS)}.")
+    check_choice("layout", layout, LAYOUTS)
 
 
 def grouping_dim(shape: torch.Size | tuple[int, ...], layout: Layout = "input_channels") -> int:
@@ -83,9 +86,9 @@ def nm_skip_reason(weight: torch.Tensor, m: int, layout: Layout = "input_channel
         True
     """
     check_layout(layout)
-    if weight.ndim not in (2, 4):
-        return f"weight has {weight.ndim} dims; only Linear (2-D) and Conv2d (4-D) weights are supported"
-    if weight.ndim == 4 and weight.shape[1] == 1:
+    if not 2 <= weight.ndim <= 5:
+        return f"weight has {weight.ndim} dims; only matmul (2-D) and Conv1d/2d/3d (3-D to 5-D) weights are supported"
+    if weight.ndim > 2 and weight.shape[1] == 1:
         return "one input channel per group (depthwise conv or 1-channel input)"
     size = grouping_dim(weight.shape, layout)
     name = "in" if weight.ndim == 2 else ("C_in" if layout == "input_channels" else "C_in*k_h*k_w")
@@ -107,8 +110,8 @@ def _grouped_view(weight: torch.Tensor, m: int, layout: Layout) -> torch.Tensor:
     w = weight if weight.is_contiguous() else weight.contiguous()
     if layout == "flattened" or w.ndim == 2:
         return w.reshape(w.shape[0] * (w[0].numel() // m), m, 1)
-    c_out, c_in, kh, kw = w.shape
-    return w.view(c_out * (c_in // m), m, kh * kw)
+    c_out, c_in = w.shape[:2]
+    return w.view(c_out * (c_in // m), m, w[0, 0].numel())
 
 
 def _keep_pairwise(a: torch.Tensor, n: int) -> torch.Tensor:
@@ -232,12 +235,13 @@ def bake_nm(
     """Write ``W ⊙ M(W)`` into the weights (exact zeros) of a plain ``nn.Module`` — no Lightning needed.
 
     Args:
-        module: any module; its Conv2d/Linear weights are baked.
+        module: any module; its matmul/conv weights (:func:`~lightning_sparse.sparsity.targets.candidate_weights`)
+            are baked.
         n: kept weights per group.
         m: group size.
         layout: grouping layout.
         names: parameter names (from ``named_parameters()``) to bake; default every eligible
-            Conv2d/Linear weight (ineligible ones are left dense).
+            candidate weight (ineligible ones are left dense).
 
     Returns:
         The names of the baked parameters. Afterwards ``nm_violations`` is 0 for each of them.
@@ -253,11 +257,7 @@ def bake_nm(
     check_layout(layout)
     params = dict(module.named_parameters())
     if names is None:
-        names = [
-            f"{mod_name}.weight" if mod_name else "weight"
-            for mod_name, mod in module.named_modules()
-            if isinstance(mod, (nn.Conv2d, nn.Linear)) and is_nm_eligible(mod.weight, m, layout)
-        ]
+        names = [n for n in candidate_weights(module) if is_nm_eligible(params[n], m, layout)]
     baked = []
     for name in names:
         if name not in params:

@@ -1,0 +1,109 @@
+"""When mask updates happen: real optimizer steps per epoch, the stop step, and postponed updates.
+
+``trainer.global_step`` counts optimizer steps, so every schedule is in optimizer steps. Per epoch that
+is ``ceil(batches / accumulate_grad_batches)`` (Lightning steps once more at the end of an epoch whose
+last accumulation window is short); under manual optimization each optimizer is taken to step once per
+batch. Training ends at ``max_steps`` or at ``max_epochs`` × steps per epoch, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+__all__ = ["steps_per_epoch", "total_steps", "resolve_stop_step", "UpdateGuard"]
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps in one epoch of ``trainer`` (needs the train dataloader, i.e. from ``on_train_start``).
+
+    Raises:
+        ValueError: the epoch length is unknown (an iterable dataset without ``__len__``).
+    """
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        raise ValueError(
+            "The number of batches per epoch is unknown (an iterable dataset without __len__): give the "
+            "schedule in steps (e.g. `stop_step`) instead of epochs."
+        )
+    module = trainer.lightning_module
+    if module is not None and not module.automatic_optimization:
+        return max(1, int(batches) * max(1, len(trainer.optimizers)))
+    return max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
+
+
+def total_steps(trainer: pl.Trainer) -> int:
+    """Optimizer steps of the whole fit: ``max_steps`` or ``max_epochs`` × steps per epoch, the smaller.
+
+    Raises:
+        ValueError: neither ``max_steps`` nor ``max_epochs`` limits training.
+    """
+    limits = []
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        limits.append(int(trainer.max_steps))
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        limits.append(int(trainer.max_epochs) * steps_per_epoch(trainer))
+    if not limits:
+        raise ValueError("Training has no end (max_steps=-1, max_epochs=-1): give the schedule an explicit `stop_step`.")
+    return min(limits)
+
+
+def resolve_stop_step(
+    trainer: pl.Trainer, stop_step: int | None = None, stop_epoch: int | None = None, fraction: float = 0.75
+) -> int:
+    """An explicit ``stop_step`` wins; else ``stop_epoch`` × steps per epoch; else ``fraction`` of training."""
+    if stop_step is not None:
+        return int(stop_step)
+    if stop_epoch is not None:
+        return max(1, int(stop_epoch) * steps_per_epoch(trainer))
+    return max(1, int(fraction * total_steps(trainer)))
+
+
+class UpdateGuard:
+    """Postpones a mask update whose gradients or weights are not finite (e.g. an fp16 overflow that the
+    GradScaler will skip) to the next step where they are, with one warning; gives up after
+    ``max_postponed`` consecutive postponements (a persistent NaN) with a ``FloatingPointError``.
+
+    Usage in ``on_before_optimizer_step``: ``if guard.due(is_update_step, find_problem, step, owner): update()``,
+    where ``find_problem()`` returns ``None`` when everything is finite, else a description such as
+    ``"gradient in 'layer.weight'"``; it is only called at update steps (and while an update is pending).
+    """
+
+    def __init__(self, max_postponed: int = 10) -> None:
+        self.max_postponed = max_postponed
+        self.pending = 0  # consecutive postponements of the current update
+        self.postponed_total = 0
+        self._warned = False
+
+    def due(self, scheduled: bool, find_problem: Callable[[], str | None], step: int, owner: str) -> bool:
+        """Whether to run the update now (a scheduled or a postponed one, on finite values)."""
+        if not scheduled and not self.pending:
+            return False
+        problem = find_problem()
+        if problem is None:
+            self.pending = 0
+            return True
+        self.pending += 1
+        self.postponed_total += 1
+        if self.pending > self.max_postponed:
+            raise FloatingPointError(
+                f"{owner}: non-finite {problem} at step {step}; refusing the mask update after {self.max_postponed} "
+                "postponements (lower the learning rate or enable gradient clipping)."
+            )
+        if not self._warned:
+            rank_zero_warn(
+                f"{owner}: non-finite {problem} at step {step} (e.g. an fp16 overflow the GradScaler skips); the mask "
+                "update is postponed to the next step with finite values. Further postponements are not reported."
+            )
+            self._warned = True
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pending": self.pending, "postponed_total": self.postponed_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.pending = int(state.get("pending", 0))
+        self.postponed_total = int(state.get("postponed_total", 0))

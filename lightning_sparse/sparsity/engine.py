@@ -1,0 +1,232 @@
+"""``MaskEngine``: the one object that holds masks and keeps them exact, shared by every sparsity callback.
+
+``DynamicSparsity``, ``Chase`` and ``NMSparsity`` each *hold* an engine (composition); none inherits
+another's internals. The engine is plain PyTorch (no Lightning): it takes the optimizers as arguments.
+
+What it does:
+
+- **Targets and masks**: ``masks`` maps a parameter name from ``named_parameters()`` to a bool tensor
+  of that parameter's shape (True = kept). ``allowed`` adds zero-slices for any parameter (Chase's
+  removed channels, also in biases and BN); :meth:`enforced` is their conjunction.
+- **Binding**: :meth:`bind` finds the Parameters by name and moves masks to their devices (after a
+  resume, a slimming or a ``.to()``).
+- **Exactness** (DESIGN.md §2): :meth:`mask_grads` before the optimizer step, :meth:`apply_weights`
+  after it, and :meth:`enforce` after any mask change also zeroes, at masked positions, every optimizer
+  state tensor of the parameter's shape (momentum, Adam moments, ...), so no optimizer revives a weight.
+- **Masks however the weight is read** (N:M): :meth:`write_masked` stores ``W ⊙ M(W)`` *in the
+  Parameter itself* and keeps the dense ``W`` aside; :meth:`restore_dense` puts ``W`` back. Every
+  consumer then sees the masked weight — a parent module reading ``child.weight`` (``nn.MultiheadAttention``
+  reads ``out_proj.weight``), fused fast paths (``nn.TransformerEncoderLayer`` in eval), ``F.*`` calls on
+  the Parameter — with no change to names, ``state_dict`` keys or the module's code. Swapping
+  ``Parameter.data`` keeps the Parameter object (the optimizer, DDP and autograd hooks hold it) and costs
+  one multiply, the same as a masked forward. Because the Parameter's value during forward and backward
+  *is* ``W̃``, autograd delivers exactly ``∂L/∂W̃`` to ``W`` (the straight-through estimator); the caller
+  adds SR-STE's ``λ·(1 − M) ⊙ W`` after restoring, before the optimizer step (:meth:`add_decay`).
+- **State**: :meth:`state_dict` / :meth:`load_state_dict` hold masks on CPU keyed by name.
+- **DDP**: the engine never communicates; callers make decisions from all-reduced gradients, identical
+  weights and rank-independent seeds, so every rank holds the same masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_sparse.sparsity.masks import Masks, global_density, mask_optimizer_state_
+
+__all__ = ["MaskEngine"]
+
+
+class MaskEngine:
+    """Masks keyed by parameter name, bound to a module's Parameters.
+
+    Example:
+        >>> net = nn.Linear(4, 2)
+        >>> eng = MaskEngine()
+        >>> eng.masks = {"weight": torch.tensor([[True, False, True, False]] * 2)}
+        >>> eng.bind(net)
+        >>> eng.apply_weights()
+        >>> bool((net.weight[:, 1] == 0).all())
+        True
+    """
+
+    def __init__(self) -> None:
+        self.masks: Masks = {}
+        self.allowed: Masks = {}
+        self._params: dict[str, nn.Parameter] = {}
+        self._mult: dict[str, torch.Tensor] | None = None
+        self._dense: dict[str, torch.Tensor] | None = None
+        self.used: Masks = {}  # the masks of the last write_masked
+
+    # ------------------------------------------------------------------------------------- binding
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The bound Parameters, by name."""
+        return self._params
+
+    def bind(self, module: nn.Module, names: Iterable[str] | None = None) -> None:
+        """Look up the Parameters of ``masks``/``allowed`` (or ``names``) and move masks to their devices."""
+        named = dict(module.named_parameters())
+        wanted = list(names) if names is not None else [*self.masks, *(k for k in self.allowed if k not in self.masks)]
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ValueError(f"masks name parameters the model does not have: {missing[:6]}.")
+        self._params = {n: named[n] for n in wanted}
+        for store in (self.masks, self.allowed):
+            for k, m in store.items():
+                if m.device != named[k].device:
+                    store[k] = m.to(named[k].device)
+        self._mult = None
+
+    def invalidate(self) -> None:
+        """Call after changing ``masks`` or ``allowed``: drops the cached multipliers."""
+        self._mult = None
+
+    def enforced(self) -> Masks:
+        """Target masks AND the allowed positions (parameters only in ``allowed`` included)."""
+        out = dict(self.masks)
+        for name, allowed in self.allowed.items():
+            out[name] = out[name] & allowed if name in out else allowed
+        return out
+
+    def block(self, name: str, param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Forbid the slices ``index`` along ``dim`` of ``param`` for good (in ``allowed`` and its mask)."""
+        allowed = self.allowed.get(name)
+        if allowed is None:
+            allowed = torch.ones_like(param, dtype=torch.bool)
+        self.allowed[name] = allowed.index_fill(dim, index.to(param.device), False)
+        if name in self.masks:
+            self.masks[name] = self.masks[name] & self.allowed[name]
+        self._mult = None
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """Enforced masks as 0/1 tensors of each parameter's dtype (cached: multiplying by them is ~3x
+        faster than by bool masks, and it runs twice per step)."""
+        if self._mult is None:
+            self._mult = {k: m.to(self._params[k].dtype) for k, m in self.enforced().items()}
+        return self._mult
+
+    # ------------------------------------------------------------------------------------ exactness
+    @torch.no_grad()
+    def apply_weights(self) -> None:
+        """Zero every weight outside its enforced mask, in place."""
+        for name, mult in self.multipliers().items():
+            self._params[name].mul_(mult)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero gradients outside the enforced masks (parameters without a gradient are skipped)."""
+        for name, mult in self.multipliers().items():
+            grad = self._params[name].grad
+            if grad is not None:
+                grad.mul_(mult)
+
+    def enforce(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """After any mask change: zero masked weights and every optimizer state tensor there."""
+        self.invalidate()
+        self.apply_weights()
+        mask_optimizer_state_(optimizers, self._params, self.enforced())
+
+    def non_finite(self) -> str | None:
+        """``"gradient in 'name'"`` (or weight) for the first non-finite tensor among targets, else None."""
+        for name in self.masks:
+            p = self._params[name]
+            for what, t in (("weight", p), ("gradient", p.grad)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    return f"{what} in {name!r}"
+        return None
+
+    def density(self) -> float:
+        """Kept fraction over all target masks."""
+        return global_density(self.masks)
+
+    # ------------------------------------------------------------------------- transient masking
+    @property
+    def is_masked(self) -> bool:
+        """True between :meth:`write_masked` and :meth:`restore_dense`."""
+        return self._dense is not None
+
+    @property
+    def dense(self) -> dict[str, torch.Tensor]:
+        """The dense weights kept aside while masked (empty otherwise)."""
+        return dict(self._dense or {})
+
+    @torch.no_grad()
+    def write_masked(self, mask_fn: Callable[[torch.Tensor], torch.Tensor], names: Iterable[str] | None = None) -> None:
+        """Store ``W ⊙ mask_fn(W)`` in each bound Parameter (``names``: a subset), keeping ``W`` aside."""
+        if self._dense is not None:
+            return
+        self._dense, self.used = {}, {}
+        with torch.inference_mode(False):  # evaluation loops run in inference mode
+            for name in names if names is not None else self._params:
+                p = self._params[name]
+                dense = p.data
+                mask = mask_fn(dense)
+                self._dense[name], self.used[name] = dense, mask
+                p.data = dense * mask
+
+    @torch.no_grad()
+    def restore_dense(self) -> bool:
+        """Put the dense weights back (no-op when nothing is masked). Returns whether it restored."""
+        if self._dense is None:
+            return False
+        for name, dense in self._dense.items():
+            self._params[name].data = dense
+        self._dense = None
+        return True
+
+    @torch.no_grad()
+    def add_decay(self, decay: float, params: set[int] | None = None) -> None:
+        """SR-STE's term: ``grad += decay · (1 − M) ⊙ W`` with the dense ``W`` and the last used ``M``.
+
+        ``params``: ids of the Parameters to treat (those of the optimizer about to step); default all.
+        """
+        if not decay:
+            return
+        for name, mask in self.used.items():
+            p = self._params[name]
+            if p.grad is None or (params is not None and id(p) not in params):
+                continue
+            p.grad.add_(p.detach() * ~mask, alpha=decay)
+
+    # ------------------------------------------------------------------------------- optimizers
+    @staticmethod
+    def swap_parameters(
+        optimizers: Iterable[torch.optim.Optimizer],
+        old: Mapping[str, nn.Parameter],
+        new: Mapping[str, nn.Parameter],
+        slice_fn: Callable[[str, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Point every optimizer at replacement Parameters (same names), slicing state like the weights."""
+        names = {p: n for n, p in old.items()}  # Parameters hash by identity
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for i, p in enumerate(group["params"]):
+                    name = names.get(p)
+                    if name is None or new[name] is p:
+                        continue
+                    group["params"][i] = new[name]
+                    state = opt.state.pop(p, None)
+                    if state is not None:
+                        opt.state[new[name]] = {
+                            k: slice_fn(name, v) if torch.is_tensor(v) and v.shape == p.shape else v
+                            for k, v in state.items()
+                        }
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and allowed positions on CPU, keyed by parameter name."""
+        return {
+            "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
+            "allowed": {k: v.detach().cpu().clone() for k, v in self.allowed.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks (to the bound Parameters' devices when bound)."""
+        device = {k: p.device for k, p in self._params.items()}
+        self.masks = {k: v.to(device.get(k, "cpu")).bool() for k, v in state["masks"].items()}
+        self.allowed = {k: v.to(device.get(k, "cpu")).bool() for k, v in state.get("allowed", {}).items()}
+        self._mult = None
