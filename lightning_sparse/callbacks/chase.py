@@ -27,9 +27,9 @@ from lightning_sparse.slim import ChannelGroup, apply_channel_config, channel_ca
 from lightning_sparse.slim import slim_model
 from lightning_sparse.sparsity.channels import channel_floor, channel_scores, n_channels_to_remove
 from lightning_sparse.sparsity.channels import select_channels_to_remove
-from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, check_chase_args, redistribute_masks
-from lightning_sparse.sparsity.chase import soft_bound_update, strict_budget_update
-from lightning_sparse.sparsity.dst import global_magnitude_prune, initial_masks
+from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, budget_targets, check_chase_args
+from lightning_sparse.sparsity.chase import redistribute_masks, soft_bound_update, strict_budget_update
+from lightning_sparse.sparsity.dst import initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.targets import select_targets
 
@@ -59,20 +59,21 @@ def _hook_checkpoint_loading(trainer: pl.Trainer, restore: Any) -> None:
 class Chase(pl.Callback):
     """Chase: unstructured DST that learns channel sparsity, then slims the network physically.
 
-    Unstructured part (CHASE.md §1), every ``update_interval`` optimizer steps: phase 1 (until
-    ``stop_dst_epochs`` before the end) keeps a **soft memory bound** — prune globally by magnitude to the
-    budget B = ``density`` × (sparse weights), then grow k = p_t·B weights by largest |gradient| (global);
-    phase 2 keeps a **strict budget** with per-layer RigL, so training ends with exactly B weights.
+    Unstructured part (CHASE.md §1), every ``update_interval`` steps; N = sparse-layer weights at init, B = D·N.
+    Phase 1 (**soft memory bound**, until ``stop_dst_epochs`` before the end): prune globally by magnitude
+    to B, grow globally by |gradient| to r_t·N, r_t = D + 0.005 + (p0 − 0.005)/2·(1 + cos(π t/T1)) stepped
+    every step (p0 = ``drop_fraction``, T1 = phase-1 steps). Phase 2 (**strict budget**): per layer drop p_t
+    of the active weights by magnitude, regrow to the redistributed ERK count; p_t = e + (s − e)/2·(1 +
+    cos(π t/T)) over the WHOLE training ((s, e) = ``phase2_drop_fraction``): ~0.05 at phase 2, B at the end.
 
     Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs until ``stop_gmp_epochs`` the
     candidate channels with the lowest score (UMM: Σ|w ⊙ m| / filter size; or ``maskwise``) over all
     candidate layers are removed towards the cubic target s_t = S_c·(1 − (1 − t/T)^3), each layer keeping
     at least floor(C_l·(1 − S_c)·β) channels. A removed channel's filter, the consumer's input slice and
     its BN scale/shift are zeroed and never grow again; ERK is re-solved over the remaining shapes with
-    the same B. The schedule and update rules are :mod:`lightning_sparse.sparsity.chase`.
-
-    Candidates ("active" layers) come from Torch-Pruning's dependency graph
-    (:func:`lightning_sparse.slim.channel_candidates`): convs whose output channels feed no residual sum.
+    the same B. Schedule and update rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from
+    Torch-Pruning's dependency graph (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output
+    channels feed no residual sum.
 
     Slimming (``slim``): ``"during"`` deletes removed channels physically right after each removal
     (optimizer state and masks are sliced the same way; single-device only — under DDP it falls back to
@@ -88,8 +89,8 @@ class Chase(pl.Callback):
         stop_gmp_epochs: epoch at which the channel schedule reaches S_c (ImageNet 80 of 100).
         stop_dst_epochs: length of phase 2 in epochs, counted from the end (ImageNet 20).
         update_interval: ΔT, optimizer steps between DST updates (reference: 1000).
-        drop_fraction: p at the start of phase 1 (reference death rate 0.05).
-        phase2_drop_fraction: (start, end) of p in phase 2 (reference 0.5 → 0.005).
+        drop_fraction: p0, r_t − D at step 0 of phase 1 (reference ``prune_rate`` 0.05).
+        phase2_drop_fraction: (s, e) of the whole-training cosine phase 2 reads (reference 0.5 → 0.005).
         growth: ``"gradient"`` (reference) or ``"random"``.
         score: ``"umm"`` (unmasked mean magnitude, reference) or ``"maskwise"`` (ablation).
         slim: ``"during"``, ``"end"`` or ``"never"``.
@@ -146,14 +147,13 @@ class Chase(pl.Callback):
         self.guard = UpdateGuard(max_postponed)
         self.channels = ChannelBook()
         self.num_updates = 0
-        self.budget = 0
+        self.budget = self.total_weights = 0
         self.groups: dict[str, ChannelGroup] = {}
         self.arch: dict[str, dict[str, int]] | None = None  # channel config after slimming
         self.schedule: ChaseSchedule | None = None
         self.dense_flops = 0
         self.flops_ratio = 1.0
         self.pending_slim = False
-        self._phase2_started = False
         self._example: torch.Tensor | None = None
 
     @property
@@ -202,7 +202,7 @@ class Chase(pl.Callback):
         self.schedule = ChaseSchedule.for_training(
             trainer.max_epochs or 0, steps_per_epoch(trainer), total_steps(trainer), self.stop_dst_epochs,
             self.stop_gmp_epochs, self.channel_interval_epochs, self.channel_sparsity, self.drop_fraction,
-            self.phase2_drop_fraction)
+            self.phase2_drop_fraction, self.density)
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         self._log(trainer, {})
@@ -238,8 +238,8 @@ class Chase(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**self.engine.state_dict(), **self.channels.state_dict(), "num_updates": self.num_updates,
-                "budget": self.budget, "arch": self.arch, "dense_flops": self.dense_flops,
-                "phase2_started": self._phase2_started, "guard": self.guard.state_dict()}
+                "budget": self.budget, "total_weights": self.total_weights, "arch": self.arch,
+                "dense_flops": self.dense_flops, "guard": self.guard.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -247,9 +247,9 @@ class Chase(pl.Callback):
         self.channels.load_state_dict(state_dict)
         self.num_updates = int(state_dict["num_updates"])
         self.budget = int(state_dict["budget"])
+        self.total_weights = int(state_dict["total_weights"])
         self.arch = state_dict["arch"]
         self.dense_flops = int(state_dict.get("dense_flops", 0))
-        self._phase2_started = bool(state_dict["phase2_started"])
         self.guard.load_state_dict(state_dict.get("guard", {}))
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
@@ -270,7 +270,9 @@ class Chase(pl.Callback):
         self.engine.bind(pl_module)
         self.engine.apply_weights()
         self.budget = sum(int(m.sum()) for m in self.masks.values())
-        rank_zero_info(f"Chase: {selection.describe()} sparse, budget B={self.budget:,} ({self.distribution})")
+        self.total_weights = sum(m.numel() for m in self.masks.values())
+        rank_zero_info(f"Chase: {selection.describe()} sparse, budget B={self.budget:,} of N={self.total_weights:,} "
+                       f"({self.distribution})")
 
     def _run_find_candidates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
@@ -340,22 +342,20 @@ class Chase(pl.Callback):
         gen, params = self._generator(step), self.engine.params
         grads = {n: params[n].grad for n in self.masks}
         if not self.schedule.in_phase2(step):  # phase 1: soft memory bound, global decisions
-            p_t = self.schedule.phase1_fraction(step)
-            grown = int(round(p_t * self.budget))
-            self.engine.masks = soft_bound_update(params, self.masks, grads, self.budget, grown, self.growth, gen,
-                                                  self.engine.allowed)
-            phase = 1
-        else:  # phase 2: strict budget, per-layer RigL
-            if not self._phase2_started:
-                self.engine.masks = global_magnitude_prune(params, self.masks, self.budget)
-                self._phase2_started = True
-            p_t = self.schedule.phase2_fraction(step)
-            self.engine.masks, grown = strict_budget_update(params, self.masks, grads, p_t, self.growth, gen,
-                                                            self.engine.allowed)
-            phase = 2
+            rate = self.schedule.phase1_fraction(step)  # r_t
+            self.engine.masks, grown = soft_bound_update(params, self.masks, grads, self.budget,
+                                                         round(rate * self.total_weights), self.growth, gen,
+                                                         self.engine.allowed)
+            key, phase = "dst/carry_fraction", 1
+        else:  # phase 2: strict budget, per-layer RigL to the redistributed ERK counts
+            rate = self.schedule.phase2_fraction(step)  # p_t
+            targets = budget_targets(params, self.masks, self.engine.allowed, self.budget)
+            self.engine.masks, grown = strict_budget_update(params, self.masks, grads, rate, targets, self.growth,
+                                                            gen, self.engine.allowed)
+            key, phase = "dst/drop_fraction", 2
         self.num_updates += 1
         self.engine.enforce(trainer.optimizers)
-        self._log(trainer, {"dst/drop_fraction": p_t, "dst/regrown": float(grown), "dst/phase": float(phase),
+        self._log(trainer, {key: rate, "dst/regrown": float(grown), "dst/phase": float(phase),
                             "dst/active_weights": float(sum(int(m.sum()) for m in self.masks.values()))})
 
     def _run_slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

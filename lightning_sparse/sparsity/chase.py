@@ -25,16 +25,16 @@ from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
 from lightning_sparse.sparsity.dst import (
     GROWTH_MODES,
     cosine_drop_fraction,
-    drop_grow,
     global_grow,
     global_magnitude_prune,
 )
 
 __all__ = ["ChaseSchedule", "ChannelBook", "soft_bound_update", "strict_budget_update", "redistribute_masks",
-           "check_chase_args", "SLIM_MODES"]
+           "budget_targets", "check_chase_args", "SLIM_MODES", "PHASE1_FINAL_GROWTH"]
 
 Masks = dict[str, torch.Tensor]
 SLIM_MODES = ("during", "end", "never")
+PHASE1_FINAL_GROWTH = 0.005  # r_t ends at D + 0.005 (reference ``CosineDecay(p0 + D, T1, D + 0.005)``)
 
 
 def check_chase_args(a: Mapping[str, Any]) -> None:
@@ -68,11 +68,13 @@ def check_chase_args(a: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class ChaseSchedule:
-    """When Chase acts, in optimizer steps.
+    """When Chase acts, in optimizer steps, and the two DST rates (CHASE.md §1, reference ``main.py``).
 
-    Phase 1 (soft memory bound) runs until ``phase2_start`` = total − ``stop_dst_epochs`` epochs; its grow
-    fraction decays with a cosine from ``drop_fraction`` to 0 over phase 1. Phase 2 (strict per-layer
-    budget) decays its drop fraction from ``phase2_drop_fraction[0]`` to ``[1]`` over phase 2. Channels
+    Phase 1 (soft memory bound) runs until ``phase2_start`` = total − ``stop_dst_epochs`` epochs. After a
+    phase-1 update the network carries r_t·N weights, r_t a cosine stepped every optimizer step from
+    D + ``drop_fraction`` (step 0) to D + 0.005 (end of phase 1). Phase 2 (strict per-layer budget) reads
+    its drop fraction p_t from ONE cosine over the whole training: ``phase2_drop_fraction[0]`` at step 0 →
+    ``[1]`` at the last step, so phase 2 starts near 0.05 of the reference recipe, not at 0.5. Channels
     are removed at every ``channel_interval_epochs``-th epoch boundary up to ``stop_gmp_epochs``, towards
     the cubic target s_t = S_c·(1 − (1 − t/T)^3).
     """
@@ -85,6 +87,7 @@ class ChaseSchedule:
     channel_sparsity: float
     drop_fraction: float = 0.05
     phase2_drop_fraction: tuple[float, float] = (0.5, 0.005)
+    density: float = 0.1
 
     @classmethod
     def for_training(cls, max_epochs: int, *args: Any) -> ChaseSchedule:
@@ -122,37 +125,50 @@ class ChaseSchedule:
         return step >= self.phase2_start
 
     def phase1_fraction(self, step: int) -> float:
-        """Grow fraction of the budget in phase 1 (k = fraction · B)."""
-        return cosine_drop_fraction(step, max(1, self.phase2_start), self.drop_fraction)
+        """r_t: the fraction of N carried after a phase-1 update (D + ``drop_fraction`` → D + 0.005)."""
+        return cosine_drop_fraction(step, max(1, self.phase2_start), self.density + self.drop_fraction,
+                                    self.density + PHASE1_FINAL_GROWTH)
 
     def phase2_fraction(self, step: int) -> float:
-        """Per-layer drop fraction in phase 2."""
+        """p_t: the per-layer drop fraction of phase 2, read from one cosine over the whole training."""
         hi, lo = self.phase2_drop_fraction
-        return cosine_drop_fraction(step - self.phase2_start, max(1, self.total_steps - self.phase2_start), hi, lo)
+        return cosine_drop_fraction(step, max(1, self.total_steps), hi, lo)
 
 
 def soft_bound_update(weights: Mapping[str, torch.Tensor], masks: Masks, grads: Mapping[str, torch.Tensor | None],
-                      budget: int, grow: int, growth: str, generator: torch.Generator,
-                      allowed: Mapping[str, torch.Tensor] | None) -> Masks:
-    """Phase 1: keep the ``budget`` largest active weights globally, then grow ``grow`` more globally."""
+                      budget: int, carry: int, growth: str, generator: torch.Generator,
+                      allowed: Mapping[str, torch.Tensor] | None) -> tuple[Masks, int]:
+    """Phase 1: keep the ``budget`` (B) largest active weights globally, then grow globally until the
+    network carries ``carry`` (round(r_t·N)) weights. Returns the new masks and the number grown."""
     pruned = global_magnitude_prune(weights, masks, budget)
-    return global_grow(pruned, grow, growth, grads, generator, allowed or None)
+    grow = max(0, carry - sum(int(m.sum()) for m in pruned.values()))
+    grown = global_grow(pruned, grow, growth, grads, generator, allowed or None)
+    return grown, sum(int(m.sum()) for m in grown.values()) - sum(int(m.sum()) for m in pruned.values())
 
 
 def strict_budget_update(weights: Mapping[str, torch.Tensor], masks: Masks, grads: Mapping[str, torch.Tensor | None],
-                         fraction: float, growth: str, generator: torch.Generator,
+                         fraction: float, targets: Mapping[str, int], growth: str, generator: torch.Generator,
                          allowed: Mapping[str, torch.Tensor]) -> tuple[Masks, int]:
-    """Phase 2: per layer, drop ``fraction`` of the active weights by magnitude and regrow as many.
-
-    Returns the new masks and the number of weights grown.
+    """Phase 2: per layer, drop ``fraction`` of the active weights by magnitude, then regrow the layer to its
+    ERK count ``targets[name]`` (a layer still above its count after the drop is pruned to it by magnitude,
+    so the total is exactly Σ targets = B after every update). Returns the new masks and the number grown.
     """
     out, grown = {}, 0
     for name, mask in masks.items():
-        n_swap = int(round(fraction * int(mask.sum())))
-        new = drop_grow(weights[name], mask, n_swap, growth, grads.get(name), generator, allowed.get(name))
-        grown += int((new & ~mask).sum())
+        w, want = weights[name], int(targets[name])
+        n_drop = int(round(fraction * int(mask.sum())))
+        kept = global_magnitude_prune({name: w}, {name: mask}, min(int(mask.sum()) - n_drop, want))[name]
+        new = global_grow({name: kept}, want - int(kept.sum()), growth, {name: grads.get(name)}, generator,
+                          {name: allowed[name]} if name in allowed else None)[name]
+        grown += int((new & ~kept).sum())
         out[name] = new
     return out, grown
+
+
+def budget_targets(weights: Mapping[str, torch.Tensor], masks: Masks, allowed: Mapping[str, torch.Tensor],
+                   budget: int) -> dict[str, int]:
+    """Per-layer counts: ERK over the remaining (channel-removed) shapes with the same total ``budget``."""
+    return redistribute_budget({n: effective_shape(tuple(weights[n].shape), allowed.get(n)) for n in masks}, budget)
 
 
 def effective_shape(shape: tuple[int, ...], allowed: torch.Tensor | None) -> tuple[int, ...]:
@@ -170,7 +186,7 @@ def redistribute_masks(weights: Mapping[str, torch.Tensor], masks: Masks, allowe
                        budget: int, growth: str, seed: int) -> Masks:
     """ERK over the remaining shapes with the same budget; each layer grows (by |grad|, or at random from a
     generator seeded with ``seed``) or is pruned (by magnitude) to its new count at once."""
-    targets = redistribute_budget({n: effective_shape(tuple(weights[n].shape), allowed.get(n)) for n in masks}, budget)
+    targets = budget_targets(weights, masks, allowed, budget)
     out = dict(masks)
     for name, mask in masks.items():
         w, have, want = weights[name], int(mask.sum()), targets[name]
