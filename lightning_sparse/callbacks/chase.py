@@ -21,10 +21,10 @@ from lightning_sparse.callbacks._base import check_strategy, log_metrics
 from lightning_sparse.callbacks.dst import DynamicSparsity
 from lightning_sparse.slim import (
     ChannelGroup,
-    apply_channel_config,
     channel_candidates,
     channel_config,
     count_flops,
+    restore_before_weights_load,
     slim_model,
 )
 from lightning_sparse.sparsity.channels import (
@@ -214,9 +214,9 @@ class Chase(DynamicSparsity):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
+        self._hook_checkpoint_loading(trainer, pl_module)
         if stage != "fit":
             return
-        self._hook_checkpoint_loading(trainer, pl_module)
         if not self.masks:
             self._run_init_masks(pl_module)
             self.budget = sum(int(m.sum()) for m in self.masks.values())
@@ -350,33 +350,20 @@ class Chase(DynamicSparsity):
             self.dense_flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
 
     def _hook_checkpoint_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-slim the model from a checkpoint's channel config right before its weights load.
+        """Re-slim the model from a checkpoint's channel config right before its weights load, in every stage.
 
-        Lightning restores the model weights (strictly) before any callback state, so a slimmed
-        checkpoint cannot wait for ``load_state_dict``. The strategy's ``load_model_state_dict`` gets
-        the whole checkpoint: wrapping it lets the architecture be rebuilt first, for ``fit``,
-        ``validate`` and ``test`` alike, without anything from the LightningModule.
+        Lightning restores the model weights (strictly) before any callback state, and offers a callback
+        no public hook in between, so :func:`~lightning_sparse.slim.restore_before_weights_load` (the one
+        compatibility shim, see :mod:`lightning_sparse.slim.checkpoint`) rebuilds the architecture for
+        ``fit``, ``validate``, ``test`` and ``predict`` alike, without anything from the LightningModule.
         """
-        strategy = trainer.strategy
-        if getattr(strategy.load_model_state_dict, "_chase_hook", False):
-            return
-        original = strategy.load_model_state_dict
+        restore_before_weights_load(trainer, lambda module: self.example_inputs(trainer, module),
+                                    self._run_restore_architecture)
 
-        def load_model_state_dict(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
-            self._run_restore_architecture(trainer, pl_module, checkpoint)
-            return original(checkpoint, *args, **kwargs)
-
-        load_model_state_dict._chase_hook = True  # type: ignore[attr-defined]
-        strategy.load_model_state_dict = load_model_state_dict  # type: ignore[method-assign]
-
-    def _run_restore_architecture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        arch = state.get("arch")
-        if arch and arch != channel_config(pl_module):
-            apply_channel_config(pl_module, arch, self.example_inputs(trainer, pl_module))
-            self.arch = arch
-            self.groups = {}
-            rank_zero_info("Chase: rebuilt the slim architecture from the checkpoint before loading its weights.")
+    def _run_restore_architecture(self, pl_module: pl.LightningModule, arch: dict[str, dict[str, int]]) -> None:
+        self.arch = arch
+        self.groups = {}
+        rank_zero_info("Chase: rebuilt the slim architecture from the checkpoint before loading its weights.")
 
     def _layer_scores(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """UMM scores and active flags of every candidate layer, in the current (maybe slimmed) indexing."""

@@ -73,7 +73,9 @@ def find_channel_config(checkpoint: Mapping[str, Any], prefix: str = "") -> Chan
     return {name[len(prefix):]: dict(counts) for name, counts in config.items() if name.startswith(prefix)}
 
 
-def restore_channel_config(module: nn.Module, checkpoint: Mapping[str, Any], example_inputs: ExampleInputs = None) -> bool:
+def restore_channel_config(
+    module: nn.Module, checkpoint: Mapping[str, Any], example_inputs: ExampleInputs = None, prefix: str = ""
+) -> bool:
     """Rebuild the slim architecture stored in ``checkpoint`` on ``module`` (in place) before its weights load.
 
     Nothing happens when the checkpoint holds no channel configuration or ``module`` already has it; a
@@ -87,6 +89,8 @@ def restore_channel_config(module: nn.Module, checkpoint: Mapping[str, Any], exa
         example_inputs: a batch for tracing the model, or a function returning one (called only when a
             rebuild is needed); default: ``example_input_array`` of the module if it has one, else
             ``randn(1, in_chans, 64, 64)``.
+        prefix: the name of ``module`` inside the module that saved the checkpoint (``"model."`` for the
+            timm backbone of an ``ImageClassifier`` checkpoint); ``""`` when it is that module.
 
     Returns:
         ``True`` when the module was rebuilt.
@@ -102,7 +106,7 @@ def restore_channel_config(module: nn.Module, checkpoint: Mapping[str, Any], exa
         >>> restore_channel_config(dense, ckpt)
         False
     """
-    config = find_channel_config(checkpoint)
+    config = find_channel_config(checkpoint, prefix)
     if not config:
         return False
     current = channel_config(module)
