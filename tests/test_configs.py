@@ -67,6 +67,16 @@ def test_chase_recipe(capsys):
     assert chase["sparse_first_last"] is True  # the reference masks the stem conv and the classifier too
 
 
+def test_dense_baseline_uses_the_chase_recipe(capsys):
+    """imagenet_resnet50.yaml is the dense run Chase is compared with: same model, data and trainer settings."""
+    dense, chase = _resolved("imagenet_resnet50.yaml", capsys), _resolved("imagenet_resnet50_chase.yaml", capsys)
+    assert dense["model"] == chase["model"] and dense["data"] == chase["data"]
+    assert dense["seed_everything"] == chase["seed_everything"]
+    for key in ("max_epochs", "devices", "strategy", "precision"):
+        assert dense["trainer"][key] == chase["trainer"][key], key
+    assert dense["trainer"]["callbacks"] is None
+
+
 def _one_batch(model_cfg: dict, image_size: int = 32) -> tuple[ImageClassifier, DataLoader]:
     pl.seed_everything(0)
     model = ImageClassifier(**{**model_cfg, "num_classes": 1000, "in_chans": 3})
