@@ -2,8 +2,10 @@
 
     python benchmarks/chase_checkpoint_speed.py runs/quickstart_chase/version_0/checkpoints/last.ckpt
 
-The slim architecture is rebuilt from the channel configuration Chase stores in the checkpoint; both
-models are timed side by side (interleaved repetitions, median) on random inputs of the training shape.
+The slim model is loaded with ``ImageClassifier.load_from_checkpoint`` (which rebuilds the channel
+configuration stored in the checkpoint before its weights load); the dense model is the same architecture
+built from the checkpoint's hyper-parameters. Both are timed side by side (interleaved repetitions,
+median) on random inputs of the training shape.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import torch
 
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import apply_channel_config, count_flops
+from lightning_sparse.slim import channel_config, count_flops
 
 
 def main() -> None:
@@ -25,17 +27,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    arch = next((s["arch"] for k, s in ckpt.get("callbacks", {}).items() if k.startswith("Chase") and s.get("arch")), None)
-    if arch is None:
-        raise SystemExit(f"{args.checkpoint} holds no slimmed Chase state (no channel config).")
-    hp = ckpt["hyper_parameters"]
+    hp = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
     x = torch.randn(args.batch, hp["in_chans"], args.image_size, args.image_size)
     dense = ImageClassifier(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"]).eval()
-    slim = ImageClassifier(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"])
-    apply_channel_config(slim, arch, x[:1])
-    slim.load_state_dict(ckpt["state_dict"], strict=True)
-    slim.eval()
+    slim = ImageClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    if channel_config(slim) == channel_config(dense):
+        raise SystemExit(f"{args.checkpoint} holds a dense {hp['model_name']} (no channels were slimmed).")
     times: dict[str, list[float]] = {"dense": [], "slim": []}
     with torch.inference_mode():
         for _ in range(3):

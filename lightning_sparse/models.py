@@ -55,13 +55,14 @@ def create_backbone(
         path = Path(checkpoint_path)
         if not path.is_file():
             raise ValueError(f"checkpoint_path={str(path)!r} does not exist or is not a file.")
-        state, arch = _read_weights(path)
-        if arch:  # a slimmed model (Chase checkpoint or slim export): rebuild its channel counts first
-            from lightning_sparse.slim import apply_channel_config
+        state, prefix = _read_weights(path)
+        from lightning_sparse.slim import restore_channel_config
 
-            apply_channel_config(model, arch, torch.randn(1, in_chans, 64, 64))
+        # a slimmed model (Chase checkpoint or slim export): rebuild its channel counts first
+        restore_channel_config(model, state, torch.randn(1, in_chans, 64, 64), prefix=prefix)
+        weights = {k[len(prefix):]: v for k, v in state.get("state_dict", state).items() if k.startswith(prefix)}
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(f"checkpoint_path={str(path)!r} does not fit {model_name!r}: {err}") from None
         if unexpected or missing:
@@ -72,12 +73,13 @@ def create_backbone(
     return model
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Backbone ``state_dict`` and, for slimmed models, the channel config from a local weights file.
+def _read_weights(path: Path) -> tuple[dict[str, Any], str]:
+    """A local weights file and the prefix of the backbone's keys in it.
 
-    Accepts a plain timm/torch ``state_dict``, a Lightning checkpoint of :class:`ImageClassifier`
-    (``model.`` prefix removed; a Chase channel config in its callback state is honoured), or a file
-    written by :func:`lightning_sparse.slim.export_slim`.
+    Accepts a plain timm/torch ``state_dict`` (prefix ``""``), a Lightning checkpoint of
+    :class:`ImageClassifier` (weights under ``state_dict``, prefix ``"model."``), or a file written by
+    :func:`lightning_sparse.slim.export_slim` (prefix ``""``). The channel configuration of a slimmed model
+    is read from it by :func:`lightning_sparse.slim.find_channel_config`.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,17 +87,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] |
         raise ValueError(f"checkpoint_path={str(path)!r} is not a readable torch checkpoint: {err}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a state_dict.")
-    if state.get("format", "").startswith("lightning_sparse.slim"):
-        return state["state_dict"], state["channel_config"]
-    if "state_dict" in state:  # Lightning checkpoint
-        arch = next(
-            (s["arch"] for s in state.get("callbacks", {}).values() if isinstance(s, dict) and s.get("arch")), None
-        )
-        if arch is not None:
-            arch = {k.removeprefix("model."): v for k, v in arch.items() if k.startswith("model.")}
-        weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-        return weights, arch
-    return state, None
+    is_lightning = "state_dict" in state and not str(state.get("format", "")).startswith("lightning_sparse.slim")
+    return state, "model." if is_lightning else ""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
@@ -176,6 +169,28 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the channel counts, so a slimmed model's checkpoint says which shapes its weights have."""
+        from lightning_sparse.slim import CHANNEL_CONFIG_KEY, channel_config
+
+        checkpoint[CHANNEL_CONFIG_KEY] = channel_config(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild a slimmed checkpoint's channel counts before its weights load.
+
+        Lightning calls this hook before loading the weights, in ``load_from_checkpoint`` and in every
+        ``Trainer`` stage given a ``ckpt_path``, so a checkpoint written after Chase slimmed the network
+        loads into the dense model this class builds.
+        """
+        from lightning_sparse.slim import restore_channel_config
+
+        restore_channel_config(self, checkpoint, lambda: torch.randn(1, self.hparams.in_chans, 64, 64))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Logits of a batch of images, or of the images of an ``(images, labels)`` batch."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)

@@ -55,3 +55,56 @@ def test_warmup_cosine_schedule():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.5) and f[110] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def _slim_resnet10t() -> torch.nn.Module:
+    """A resnet10t with channels zeroed and then removed (its outputs are those of the zeroed model)."""
+    from lightning_sparse.slim import channel_candidates, slim_model, zero_channels
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3, in_chans=1).eval()
+    x = torch.randn(1, 1, 32, 32)
+    groups = channel_candidates(model, x)
+    removed = {"layer1.0.conv1": [0, 5, 7], "layer3.0.conv1": list(range(40, 100))}
+    for name, idx in removed.items():
+        zero_channels(model, groups[name], idx)
+    return slim_model(model, removed, x)
+
+
+def test_checkpoint_path_from_a_slim_export(tmp_path):
+    from lightning_sparse.slim import export_slim
+
+    slim = _slim_resnet10t()
+    path = export_slim(slim, tmp_path / "slim.pt", arch="resnet10t")
+    m = ImageClassifier("resnet10t", num_classes=3, in_chans=1, checkpoint_path=str(path)).eval()
+    assert m.model.layer1[0].conv1.out_channels == 61 and m.model.layer3[0].conv1.out_channels == 196
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), slim(x), rtol=0, atol=1e-6)
+
+
+def test_channel_config_in_checkpoint_hooks():
+    slim = _slim_resnet10t()
+    writer = ImageClassifier("resnet10t", num_classes=3, in_chans=1)
+    writer.model = slim
+    checkpoint = {"state_dict": writer.state_dict()}
+    writer.on_save_checkpoint(checkpoint)
+    assert checkpoint["channel_config"]["model.layer1.0.conv1"]["out_channels"] == 61
+    reader = ImageClassifier("resnet10t", num_classes=3, in_chans=1)
+    reader.on_load_checkpoint(checkpoint)
+    reader.load_state_dict(checkpoint["state_dict"], strict=True)
+    x = torch.randn(4, 1, 32, 32)
+    reader.eval(), writer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reader(x), writer(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"lacks .*\['model.nope'\]"):
+        reader.on_load_checkpoint({"channel_config": {"model.nope": {"num_features": 3}}})
+
+
+def test_predict_step_returns_logits_of_images_or_labelled_batches():
+    m = ImageClassifier("resnet10t", num_classes=3, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        logits = m(x)
+        torch.testing.assert_close(m.predict_step(x, 0), logits)
+        torch.testing.assert_close(m.predict_step((x, torch.tensor([0, 1])), 0), logits)

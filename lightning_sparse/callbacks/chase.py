@@ -23,8 +23,8 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
 from lightning_sparse.callbacks._schedule import UpdateGuard, steps_per_epoch, total_steps
-from lightning_sparse.slim import ChannelGroup, apply_channel_config, channel_candidates, channel_config, count_flops
-from lightning_sparse.slim import slim_model
+from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
+from lightning_sparse.slim import restore_before_weights_load, slim_model
 from lightning_sparse.sparsity.channels import channel_floor, channel_scores, n_channels_to_remove
 from lightning_sparse.sparsity.channels import select_channels_to_remove
 from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, budget_targets, check_chase_args
@@ -34,26 +34,6 @@ from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.targets import select_targets
 
 __all__ = ["Chase"]
-
-
-def _hook_checkpoint_loading(trainer: pl.Trainer, restore: Any) -> None:
-    """Call ``restore(checkpoint)`` right before the strategy loads a checkpoint's model weights.
-
-    Lightning restores the model weights (strictly) before any callback state, so a slimmed checkpoint
-    cannot wait for ``load_state_dict``: the strategy's ``load_model_state_dict`` gets the whole
-    checkpoint, and wrapping it rebuilds the architecture first, for ``fit``, ``validate`` and ``test``.
-    """
-    strategy = trainer.strategy
-    if getattr(strategy.load_model_state_dict, "_chase_hook", False):
-        return
-    original = strategy.load_model_state_dict
-
-    def load_model_state_dict(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
-        restore(checkpoint)
-        return original(checkpoint, *args, **kwargs)
-
-    load_model_state_dict._chase_hook = True  # type: ignore[attr-defined]
-    strategy.load_model_state_dict = load_model_state_dict  # type: ignore[method-assign]
 
 
 class Chase(pl.Callback):
@@ -185,9 +165,9 @@ class Chase(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
+        self._hook_checkpoint_loading(trainer, pl_module)
         if stage != "fit":
             return
-        _hook_checkpoint_loading(trainer, lambda ckpt: self._run_restore_architecture(trainer, pl_module, ckpt))
         if not self.engine.masks:
             self._run_init_masks(pl_module)
         if not self.groups:
@@ -295,13 +275,21 @@ class Chase(pl.Callback):
             self.channels.start = {k: g.channels for k, g in self.groups.items()}
             self.dense_flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
 
-    def _run_restore_architecture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
-        arch = (checkpoint.get("callbacks", {}).get(self.state_key) or {}).get("arch")
-        if arch and arch != channel_config(pl_module):
-            apply_channel_config(pl_module, arch, self.example_inputs(trainer, pl_module))
-            self.arch = arch
-            self.groups = {}
-            rank_zero_info("Chase: rebuilt the slim architecture from the checkpoint before loading its weights.")
+    def _hook_checkpoint_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-slim the model from a checkpoint's channel config right before its weights load, in every stage.
+
+        Lightning restores the model weights (strictly) before any callback state, and offers a callback
+        no public hook in between, so :func:`~lightning_sparse.slim.restore_before_weights_load` (the one
+        compatibility shim, see :mod:`lightning_sparse.slim.checkpoint`) rebuilds the architecture for
+        ``fit``, ``validate``, ``test`` and ``predict`` alike, without anything from the LightningModule.
+        """
+        restore_before_weights_load(trainer, lambda module: self.example_inputs(trainer, module),
+                                    self._run_restore_architecture)
+
+    def _run_restore_architecture(self, pl_module: pl.LightningModule, arch: dict[str, dict[str, int]]) -> None:
+        self.arch = arch
+        self.groups = {}
+        rank_zero_info("Chase: rebuilt the slim architecture from the checkpoint before loading its weights.")
 
     def _run_channel_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.schedule is not None
