@@ -12,9 +12,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule"]
+from lightning_sparse.sampling import EpochSampler, IndexOnly, ResumableDataLoader, SeededItems
+
+__all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule", "EpochSampler"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,27 +32,26 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be >= 1, got {name}={v}.")
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Shuffles with a permutation that depends only on ``(seed, epoch)``, and hands each index a seed.
+def train_loader(dm: pl.LightningDataModule, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 drop_last: bool = False, default_seed: int = 0) -> ResumableDataLoader:
+    """The training loader every DataModule here uses: shuffled by :class:`EpochSampler` (seeded by the
+    run's ``seed_everything`` value, sharded over the trainer's DDP ranks) and resumable at any batch.
 
-    Yields ``(index, item_seed)`` so random augmentation is a function of the epoch too. Lightning calls
-    :meth:`set_epoch` before every epoch, so a run resumed at an epoch boundary sees exactly the batches
-    an uninterrupted run sees (the global RNG state, which Lightning does not checkpoint, plays no part).
+    ``dataset`` is indexed with ``(index, item_seed)`` keys (see :mod:`lightning_sparse.sampling`).
     """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        base = (self.seed * 100_003 + self.epoch) * 1_000_003
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(base))
-        return iter([(i, base + k) for k, i in enumerate(perm.tolist())])
+    seed = int(os.environ.get("PL_GLOBAL_SEED", default_seed))  # the run's seed_everything value
+    trainer = getattr(dm, "trainer", None)
+    shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+    sampler = EpochSampler(len(dataset), seed, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0))
+    return ResumableDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
 
 
 class _ShiftAugment(Dataset):
@@ -149,14 +150,7 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", self.split_seed))  # the run's seed_everything value
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_set), seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return train_loader(self, self.train_set, self.batch_size, self.num_workers, default_seed=self.split_seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -194,7 +188,7 @@ class _ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return train_loader(self, SeededItems(self.train_set), self.batch_size, self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -332,7 +326,7 @@ class FakeDataModule(pl.LightningDataModule):
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(0, shuffle=True)
+        return train_loader(self, IndexOnly(self._loader(0, shuffle=False).dataset), self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(1, shuffle=False)
