@@ -16,6 +16,7 @@ Adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sparse.loggers import WandbLogger
@@ -154,6 +156,9 @@ def main(args: list[str] | None = None) -> SparseCLI:
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         return cli
+    except SIGTERMException:
+        # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         _finish_wandb()
 

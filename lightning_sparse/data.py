@@ -6,15 +6,13 @@ from a local directory and a missing directory is an error that names it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_sparse.sampling import EpochSampler, IndexOnly, ResumableDataLoader, SeededItems
+from lightning_sparse.sampling import EpochSampler, IndexOnly, ResumableDataModule, SeededItems
 
 __all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule", "EpochSampler"]
 
@@ -32,26 +30,9 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be >= 1, got {name}={v}.")
 
 
-def train_loader(dm: pl.LightningDataModule, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                 drop_last: bool = False, default_seed: int = 0) -> ResumableDataLoader:
-    """The training loader every DataModule here uses: shuffled by :class:`EpochSampler` (seeded by the
-    run's ``seed_everything`` value, sharded over the trainer's DDP ranks) and resumable at any batch.
-
-    ``dataset`` is indexed with ``(index, item_seed)`` keys (see :mod:`lightning_sparse.sampling`).
-    """
-    seed = int(os.environ.get("PL_GLOBAL_SEED", default_seed))  # the run's seed_everything value
-    trainer = getattr(dm, "trainer", None)
-    shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-    sampler = EpochSampler(len(dataset), seed, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0))
-    return ResumableDataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-    )
+def _train_seed(default: int = 0) -> int:
+    """The run's ``seed_everything`` value (Lightning exports it), else ``default``."""
+    return int(os.environ.get("PL_GLOBAL_SEED", default))
 
 
 class _ShiftAugment(Dataset):
@@ -78,7 +59,7 @@ class _ShiftAugment(Dataset):
         return x, y
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(ResumableDataModule):
     """scikit-learn's ``load_digits``: 1,797 real 8×8 handwritten digits, 10 classes, 1 channel.
 
     Embedded default dataset: no download. Images are upsampled to ``image_size`` (bilinear) and
@@ -150,7 +131,7 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return train_loader(self, self.train_set, self.batch_size, self.num_workers, default_seed=self.split_seed)
+        return self.resumable_train_loader(self.train_set, self.batch_size, _train_seed(self.split_seed), self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -159,7 +140,7 @@ class DigitsDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-class _ImageDataModule(pl.LightningDataModule):
+class _ImageDataModule(ResumableDataModule):
     """Shared loader plumbing for the directory-backed DataModules."""
 
     def check_data_dir(self) -> None:  # pragma: no cover - overridden
@@ -188,7 +169,8 @@ class _ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return train_loader(self, SeededItems(self.train_set), self.batch_size, self.num_workers, drop_last=True)
+        return self.resumable_train_loader(SeededItems(self.train_set), self.batch_size, _train_seed(), self.num_workers,
+                                           drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -299,7 +281,7 @@ class ImageFolderDataModule(_ImageDataModule):
         self.val_set = datasets.ImageFolder(str(self.data_dir / "val"), transform=val_tf)
 
 
-class FakeDataModule(pl.LightningDataModule):
+class FakeDataModule(ResumableDataModule):
     """Random images (fixed seed) for throughput and smoke runs; accuracy is meaningless.
 
     Args:
@@ -326,7 +308,7 @@ class FakeDataModule(pl.LightningDataModule):
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return train_loader(self, IndexOnly(self._loader(0, shuffle=False).dataset), self.batch_size)
+        return self.resumable_train_loader(IndexOnly(self._loader(0, shuffle=False).dataset), self.batch_size, _train_seed())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(1, shuffle=False)

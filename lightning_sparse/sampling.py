@@ -10,6 +10,10 @@ Three pieces, used by every DataModule in :mod:`lightning_sparse.data`:
 - :class:`ResumableDataLoader` is a ``DataLoader`` with ``state_dict``/``load_state_dict``: Lightning stores
   its state (epoch and batches consumed) in the checkpoint's loop state and restores it on resume, and the
   next epoch it serves continues at that batch. Any ``num_workers`` gives the same batches.
+- :class:`ResumableDataModule` also keeps that state in the DataModule's own checkpoint entry. Lightning
+  restores the loop's loader state only when it builds the train loader after the restore; a
+  ``configure_optimizers`` that reads ``trainer.estimated_stepping_batches`` (any per-step LR schedule)
+  builds it earlier, and the position would be lost. The DataModule's state is restored before that.
 
 Why not torchdata's ``StatefulDataLoader``: Lightning builds the train iterator before it calls
 ``set_epoch`` on a resumed run, and a multi-worker iterator draws its first indices at construction, so a
@@ -23,10 +27,11 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochSampler", "ResumableDataLoader", "SeededItems", "IndexOnly"]
+__all__ = ["EpochSampler", "ResumableDataLoader", "ResumableDataModule", "SeededItems", "IndexOnly"]
 
 
 class EpochSampler(DistributedSampler):
@@ -174,3 +179,37 @@ class ResumableDataLoader(DataLoader):
             return
         self._current = None
         self.sampler.resume_at(int(state_dict["epoch"]), int(state_dict["batches"]) * self.batch_size)
+
+
+class ResumableDataModule(pl.LightningDataModule):
+    """A DataModule whose train loader (from :meth:`resumable_train_loader`) resumes at the saved batch.
+
+    ``state_dict()`` holds the current train loader's position; ``load_state_dict`` (Lightning calls it
+    before ``configure_optimizers``) hands it to the next train loader built.
+    """
+
+    _train_loader: ResumableDataLoader | None = None
+    _pending_train_state: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_train_state = state_dict.get("train_loader")
+
+    def resumable_train_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                               drop_last: bool = False) -> ResumableDataLoader:
+        """A shuffled (:class:`EpochSampler`, sharded over the trainer's DDP ranks), resumable train loader
+        over ``dataset``, which is indexed with ``(index, item_seed)`` keys."""
+        trainer = getattr(self, "trainer", None)
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = EpochSampler(len(dataset), seed, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0))
+        loader = ResumableDataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        )
+        if self._pending_train_state:
+            loader.load_state_dict(self._pending_train_state)
+            self._pending_train_state = None
+        self._train_loader = loader
+        return loader

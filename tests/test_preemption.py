@@ -46,6 +46,17 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class ScheduledNet(TinyNet):
+    """TinyNet with a per-step cosine LR schedule sized by ``trainer.estimated_stepping_batches``, as
+    ImageClassifier does: Lightning then builds the train loader before it restores the loop state."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(s / total * 3.14)).item()))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class RaiseAt(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -58,7 +69,7 @@ class RaiseAt(pl.Callback):
 def _fit(root: Path, epochs: int, callbacks: list, ckpt_path: str | None = None, num_workers: int = 0,
          sparse: bool = True, **kwargs) -> tuple[pl.Trainer, Record]:
     pl.seed_everything(0)
-    model = TinyNet()
+    model = ScheduledNet()
     dm = DigitsDataModule(image_size=8, batch_size=16, max_shift=1, num_workers=num_workers)
     rec = Record()
     extra = [DynamicSparsity(density=0.3, update_interval=2, drop_fraction=0.3), SADTracker(interval=2)] if sparse else []
