@@ -16,6 +16,7 @@ Adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import glob
 import signal
 import sys
 from pathlib import Path
@@ -70,15 +71,15 @@ class SparseCLI(LightningCLI):
         path = cfg.ckpt_path
         if path == "last":
             patterns = self.last_checkpoint_patterns(cfg)
-            found = find_last_checkpoint(p for pattern in patterns for p in Path().glob(pattern))
+            found = find_last_checkpoint(Path(p) for pattern in patterns for p in glob.glob(pattern))
             if found is None:
                 raise FileNotFoundError(f"--ckpt_path=last: no readable checkpoint matches {patterns} "
                                         f"(run_name={cfg.run_name!r}).")
             cfg.ckpt_path = str(found)
             rank_zero_info(f"Resuming from {cfg.ckpt_path}")
-        elif path not in ("best", "hpc") and Path(path).is_file() and checkpoint_is_readable(path) is not None:
+        elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
             raise ValueError(
-                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({checkpoint_is_readable(path)}). "
+                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
                 "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
             )
 

@@ -230,3 +230,36 @@ def test_last_falls_back_to_previous_good_checkpoint_with_one_warning(tmp_path, 
     assert find_last_checkpoint([old, new], warn=warnings.append) == old
     assert len(warnings) == 1 and str(new) in warnings[0] and str(old) in warnings[0]
     assert find_last_checkpoint([new], warn=warnings.append) is None
+
+
+def test_cli_ckpt_path_last_resolves_newest_readable_across_versions(tmp_path, monkeypatch):
+    from lightning_sparse.cli import SparseCLI
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    args = ["fit", "--config", str(root / "configs" / "debug.yaml"), "--ckpt_path", "last"]
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path=last: no readable checkpoint matches .*runs/debug/"):
+        SparseCLI(args=args)
+    io = AtomicCheckpointIO()
+    good = tmp_path / "runs/debug/version_0/checkpoints/last.ckpt"
+    io.save_checkpoint({"state_dict": {}}, good)
+    bad = tmp_path / "runs/debug/version_1/checkpoints/interrupted-epoch=000-step=000002.ckpt"
+    io.save_checkpoint({"state_dict": {}}, bad)
+    bad.write_bytes(b"")
+    os.utime(good, (1, 1))
+
+    resolved = []
+
+    class Parsed(SparseCLI):  # stop after parsing: nothing to train in this test
+        def before_instantiate_classes(self):
+            resolved.append(self.config.fit.ckpt_path)
+            raise SystemExit(0)
+
+    with pytest.warns(UserWarning, match="newest checkpoint is unreadable") as record, pytest.raises(SystemExit):
+        Parsed(args=args)
+    assert len([w for w in record if "unreadable" in str(w.message)]) == 1
+    assert resolved == ["runs/debug/version_0/checkpoints/last.ckpt"]
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "runs/debug/hpc_ckpt_1.ckpt")  # SLURM's, newest now
+    with pytest.raises(SystemExit):
+        Parsed(args=args)
+    assert resolved[-1] == "runs/debug/hpc_ckpt_1.ckpt"
