@@ -43,6 +43,10 @@ from lightning_sparse.preemption import (
 __all__ = ["SparseCLI", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
+test (on the best checkpoint). Find options: `train.py fit --model.help lightning_sparse.models.ImageClassifier`,
+`train.py fit --trainer.callbacks.help lightning_sparse.callbacks.DynamicSparsity`,
+`train.py fit --config <yaml> --print_config`. Resume: `train.py fit --config <yaml> --ckpt_path last`."""
 RUNS_DIR = "runs"
 
 
@@ -56,6 +60,10 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("description", HELP)
+        return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does, then resolve ``--ckpt_path last`` and check the checkpoint is readable."""
