@@ -100,22 +100,25 @@ def _max_delta(a: dict, b: dict) -> float:
                default=0.0)
 
 
-_FULL: dict[str, tuple[dict, dict]] = {}
+_FULL: dict[tuple[str, ...], tuple[dict, dict]] = {}
 
 
-def _full(tmp_path_factory, config: str) -> tuple[dict, dict]:
-    """The uninterrupted run of ``config`` (once per session)."""
-    if config not in _FULL:
+def _full(tmp_path_factory, config: str, *args: str) -> tuple[dict, dict]:
+    """The uninterrupted run of ``config`` with ``args`` (once per session). The final ``last.ckpt`` must be
+    written at the same point (epoch end, or step end with ``every_n_train_steps``) as the resumed run's."""
+    key = (config, *args)
+    if key not in _FULL:
         cwd = tmp_path_factory.mktemp("full")
-        proc = _train(cwd, "--config", str(_config(cwd, config, [], "full")))
+        proc = _train(cwd, "--config", str(_config(cwd, config, [], "full")), *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        _FULL[config] = (_final(_run_dir(cwd, config)), _losses(_run_dir(cwd, config)))
-    return _FULL[config]
+        _FULL[key] = (_final(_run_dir(cwd, config)), _losses(_run_dir(cwd, config)))
+    return _FULL[key]
 
 
-def _compare(tmp_path_factory, cwd: Path, config: str, stop: str, resumed: subprocess.CompletedProcess) -> None:
+def _compare(tmp_path_factory, cwd: Path, config: str, stop: str, resumed: subprocess.CompletedProcess,
+             *full_args: str) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full, full_losses = _full(tmp_path_factory, config)
+    full, full_losses = _full(tmp_path_factory, config, *full_args)
     res = _final(_run_dir(cwd, config))
     losses = _losses(_run_dir(cwd, config))
     assert res["step"] == full["step"] == EPOCHS * BATCHES
@@ -149,7 +152,7 @@ def test_killed_after_every_n_train_steps_checkpoint_resumes_bitwise(tmp_path, t
     assert torch.load(next(_run_dir(tmp_path, config).glob("version_0/checkpoints/last.ckpt")),
                       weights_only=False)["global_step"] == 6  # mid-epoch 1
     resumed = _train(tmp_path, "--config", str(_config(tmp_path, config, [], "resume")), "--ckpt_path", "last", *every)
-    _compare(tmp_path_factory, tmp_path, config, "SIGKILL after step 8, periodic last.ckpt at step 6", resumed)
+    _compare(tmp_path_factory, tmp_path, config, "SIGKILL after step 8, periodic last.ckpt at step 6", resumed, *every)
 
 
 def test_truncated_newest_checkpoint_falls_back_with_one_warning(tmp_path, tmp_path_factory):
