@@ -5,7 +5,10 @@ Adds to Lightning's CLI:
   (:class:`~lightning_sparse.models.ImageClassifier` and :mod:`lightning_sparse.data` in our configs);
 - ``data.num_classes`` / ``data.in_chans`` are linked into the model, so configs state them once;
 - ``ModelCheckpoint``s under the ``checkpoint`` key (best by ``val/acc``) and ``last_checkpoint``
-  (``last.ckpt`` after every epoch; ``--ckpt_path last`` finds it across run versions);
+  (``last.ckpt`` after every epoch; ``--last_checkpoint.every_n_train_steps=N`` for periodic saves);
+- preemption safety (:mod:`lightning_sparse.preemption`): atomic checkpoint writes, an
+  ``interrupted-*.ckpt`` at the step where SIGTERM stopped the run, SLURM requeue at batch boundaries;
+  ``--ckpt_path last`` resumes from the newest readable one across run versions;
 - ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
   ``runs/<run_name>/``;
 - running without a subcommand does ``fit`` and then ``test`` on the best checkpoint.
@@ -13,6 +16,8 @@ Adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import glob
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,14 +26,27 @@ import pytorch_lightning as pl
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_sparse.loggers import WandbLogger
+from lightning_sparse.preemption import (
+    LAST_PATTERNS,
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    checkpoint_is_readable,
+    find_last_checkpoint,
+)
 
 __all__ = ["SparseCLI", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
+test (on the best checkpoint). Find options: `train.py fit --model.help lightning_sparse.models.ImageClassifier`,
+`train.py fit --trainer.callbacks.help lightning_sparse.callbacks.DynamicSparsity`,
+`train.py fit --config <yaml> --print_config`. Resume: `train.py fit --config <yaml> --ckpt_path last`."""
 RUNS_DIR = "runs"
 
 
@@ -43,34 +61,45 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        self._resolve_last_checkpoint()
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:  # noqa: BLE001 - one clear message for any unreadable checkpoint
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ValueError(
-                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({type(err).__name__}). "
-                "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
-            ) from None
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("description", HELP)
+        return super().init_parser(**kwargs)
 
-    def _resolve_last_checkpoint(self) -> None:
-        """``--ckpt_path last``: the newest ``runs/<run_name>/version_*/checkpoints/last.ckpt``.
-
-        Each run logs into a new ``version_N`` directory, so Lightning's own ``"last"`` (which looks in
-        the new run's directory) would find nothing after a crash; this looks across earlier versions.
-        """
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, then resolve ``--ckpt_path last`` and check the checkpoint is readable."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
-        if not sub or self.config[sub].get("ckpt_path") != "last":
-            return
-        cfg = self.config[sub]
-        checkpoint_dir = cfg.get("last_checkpoint", {}).get("dirpath")
-        pattern = f"{checkpoint_dir}/last*.ckpt" if checkpoint_dir else f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints/last*.ckpt"
-        found = sorted(Path().glob(pattern), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"--ckpt_path=last: no checkpoint matches {pattern!r} (run_name={cfg.run_name!r}).")
-        cfg.ckpt_path = str(found[-1])
-        rank_zero_info(f"Resuming from {cfg.ckpt_path}")
+        if sub and self.config[sub].get("ckpt_path"):
+            self._resolve_ckpt_path(self.config[sub])
+
+    def _resolve_ckpt_path(self, cfg: Any) -> None:
+        """``last``: the newest readable ``last*.ckpt`` / ``interrupted-*.ckpt`` / ``hpc_ckpt_*.ckpt`` of the run
+        (each run logs into a new ``version_N``, so Lightning's own ``"last"``, which looks in the new run's
+        directory, would find nothing); a path: must be a readable Lightning checkpoint."""
+        path = cfg.ckpt_path
+        if path == "last":
+            patterns = self.last_checkpoint_patterns(cfg)
+            found = find_last_checkpoint(Path(p) for pattern in patterns for p in glob.glob(pattern))
+            if found is None:
+                raise FileNotFoundError(f"--ckpt_path=last: no readable checkpoint matches {patterns} "
+                                        f"(run_name={cfg.run_name!r}).")
+            cfg.ckpt_path = str(found)
+            rank_zero_info(f"Resuming from {cfg.ckpt_path}")
+        elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
+            raise ValueError(
+                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
+                "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
+            )
+
+    @staticmethod
+    def last_checkpoint_patterns(cfg: Any) -> list[str]:
+        """Glob patterns (relative to the working directory) ``--ckpt_path last`` searches."""
+        checkpoint_dir = (cfg.get("last_checkpoint") or {}).get("dirpath")
+        run_dir = (cfg.get("trainer") or {}).get("default_root_dir") or f"{RUNS_DIR}/{cfg.run_name}"
+        ckpt_dirs = [checkpoint_dir] if checkpoint_dir else [f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints"]
+        return [f"{d}/{p}" for d in ckpt_dirs for p in LAST_PATTERNS if not p.startswith("hpc")] + [
+            f"{run_dir}/hpc_ckpt_*.ckpt"
+        ]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
@@ -91,11 +120,29 @@ class SparseCLI(LightningCLI):
             }
         )
 
+    def _section(self, key: str) -> Any:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return config.get(key)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        cfg = self._get(self.config_init, "trainer", default={})
+        """Adds the defaults described in the module docstring to what the config asks for."""
+        cfg = self._section("trainer") or {}
+        run_name = self._section("run_name")
         if cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(self._get(self.config_init, "run_name"))
+            kwargs["logger"] = default_loggers(run_name)
+        if cfg.get("default_root_dir") is None:  # SLURM's hpc_ckpt_N.ckpt lands here, not in the cwd
+            kwargs.setdefault("default_root_dir", f"{RUNS_DIR}/{run_name}")
+        plugins = _as_list(cfg.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        callbacks = _as_list(cfg.get("callbacks"))
+        if cfg.get("enable_checkpointing") is not False and not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, PreemptionCheckpoint()])
         return super().instantiate_trainer(**kwargs)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def default_loggers(run_name: str, save_dir: str = RUNS_DIR) -> list[Logger]:
@@ -118,6 +165,9 @@ def main(args: list[str] | None = None) -> SparseCLI:
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         return cli
+    except SIGTERMException:
+        # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         _finish_wandb()
 

@@ -6,15 +6,15 @@ from a local directory and a missing directory is an error that names it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule"]
+from lightning_sparse.sampling import EpochSampler, IndexOnly, ResumableDataModule, SeededItems
+
+__all__ = ["DigitsDataModule", "CIFARDataModule", "ImageFolderDataModule", "FakeDataModule", "EpochSampler"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,27 +30,9 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be >= 1, got {name}={v}.")
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Shuffles with a permutation that depends only on ``(seed, epoch)``, and hands each index a seed.
-
-    Yields ``(index, item_seed)`` so random augmentation is a function of the epoch too. Lightning calls
-    :meth:`set_epoch` before every epoch, so a run resumed at an epoch boundary sees exactly the batches
-    an uninterrupted run sees (the global RNG state, which Lightning does not checkpoint, plays no part).
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        base = (self.seed * 100_003 + self.epoch) * 1_000_003
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(base))
-        return iter([(i, base + k) for k, i in enumerate(perm.tolist())])
+def _train_seed(default: int = 0) -> int:
+    """The run's ``seed_everything`` value (Lightning exports it), else ``default``."""
+    return int(os.environ.get("PL_GLOBAL_SEED", default))
 
 
 class _ShiftAugment(Dataset):
@@ -77,7 +59,7 @@ class _ShiftAugment(Dataset):
         return x, y
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(ResumableDataModule):
     """scikit-learn's ``load_digits``: 1,797 real 8×8 handwritten digits, 10 classes, 1 channel.
 
     Embedded default dataset: no download. Images are upsampled to ``image_size`` (bilinear) and
@@ -149,14 +131,7 @@ class DigitsDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", self.split_seed))  # the run's seed_everything value
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_set), seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.resumable_train_loader(self.train_set, self.batch_size, _train_seed(self.split_seed), self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -165,7 +140,7 @@ class DigitsDataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-class _ImageDataModule(pl.LightningDataModule):
+class _ImageDataModule(ResumableDataModule):
     """Shared loader plumbing for the directory-backed DataModules."""
 
     def check_data_dir(self) -> None:  # pragma: no cover - overridden
@@ -194,7 +169,8 @@ class _ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return self.resumable_train_loader(SeededItems(self.train_set), self.batch_size, _train_seed(), self.num_workers,
+                                           drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -305,7 +281,7 @@ class ImageFolderDataModule(_ImageDataModule):
         self.val_set = datasets.ImageFolder(str(self.data_dir / "val"), transform=val_tf)
 
 
-class FakeDataModule(pl.LightningDataModule):
+class FakeDataModule(ResumableDataModule):
     """Random images (fixed seed) for throughput and smoke runs; accuracy is meaningless.
 
     Args:
@@ -332,7 +308,7 @@ class FakeDataModule(pl.LightningDataModule):
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(0, shuffle=True)
+        return self.resumable_train_loader(IndexOnly(self._loader(0, shuffle=False).dataset), self.batch_size, _train_seed())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(1, shuffle=False)

@@ -92,3 +92,12 @@ def test_missing_data_dir_names_it(tmp_path, monkeypatch, config):
               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
               "--trainer.precision=32"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_says_what_runs_without_subcommand_and_how_to_find_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Without a subcommand, `train.py --config <yaml>` runs fit and then test" in out
+    assert "--model.help lightning_sparse.models.ImageClassifier" in out and "--print_config" in out
