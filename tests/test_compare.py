@@ -165,6 +165,11 @@ def test_bad_inputs_name_the_path(runs: Path, tmp_path: Path, capsys: pytest.Cap
         compare([str(runs / "rigl"), str(stray)], out=str(tmp_path / "out"))
     with pytest.raises(NotARunError, match=r"It holds runs \(chase, nm, rigl, \.\.\.\): pass"):
         compare([str(runs)], out=str(tmp_path / "out"))
+    corrupt = tmp_path / "runs" / "corrupt" / "version_0"
+    shutil.copytree(runs / "rigl" / "version_0", corrupt, ignore=shutil.ignore_patterns("*.ckpt"))
+    (corrupt / "checkpoints" / "best-000.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"best-000.ckpt' is not a readable Lightning checkpoint"):
+        compare([str(corrupt)], out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are valid
     with pytest.raises(SystemExit) as exc:
         compare_cli([str(stray), "--out", str(tmp_path / "out")])

@@ -115,11 +115,12 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    timed = (f"CPU, {torch.get_num_threads()} thread(s), latency at batch 1 and throughput at batch {batch_size}, "
+             f"median of {reps} round-robin repetitions next to the dense model of the same architecture "
+             f"(load average {load})") if timing else "off"
     header = (
         f"# Comparison of {len(rows)} runs\n\n"
-        f"`python -m lightning_sparse.compare` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; timing: CPU, "
-        f"{torch.get_num_threads()} threads, latency at batch 1 and throughput at batch {batch_size}, median of {reps} "
-        f"round-robin repetitions next to the dense model of the same architecture (load average {load}). "
+        f"`python -m lightning_sparse.compare` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; timing: {timed}. "
         "Deployable model: slimmed where Chase slimmed, dense-shaped otherwise, N:M counted at N/M. — = not in the run."
     )
     write_tables(rows, out_dir, header)
