@@ -1,0 +1,133 @@
+"""Compare training runs in one command: a table and Pareto figures of accuracy vs density, FLOPs and speed.
+
+    python -m lightning_sparse.compare runs/* --out comparison
+    python -m lightning_sparse.compare runs/sweep_rigl_* runs/sweep_set_* --out cmp --wandb
+
+A run is ``runs/<name>/version_N`` as ``train.py`` writes it (``runs/<name>`` means its latest version).
+From each run's resolved ``config.yaml``, ``metrics.csv`` and checkpoint (no training code runs) it writes
+``<out>/comparison.csv`` and ``comparison.md`` (one row per run, and seed statistics for runs that differ
+only in their seed) and four PNGs: ``acc_vs_density``, ``acc_vs_flops``, ``acc_vs_throughput``,
+``sad_curves``; with ``--wandb`` also a ``wandb.Table`` and the images in one W&B run (offline by default).
+
+Per run: the method and its settings (density, S_c, N:M, mode, seed), the last val/test accuracy, the
+checkpoint's nonzero parameters, params and FLOPs of the deployable model (see
+:mod:`lightning_sparse.compare.measure`), its CPU latency (batch 1) and throughput (batch ``batch_size``)
+measured round-robin with the dense model of the same architecture, the fit wall-clock time (Lightning's
+``Timer`` state when the run had one, else the time between ``config.yaml`` and ``last.ckpt``), and the
+last SAD values. A value a run does not have is an empty cell, never a guess.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_sparse.compare.measure import load_deployable, measure_costs, time_interleaved
+from lightning_sparse.compare.report import COLUMNS, FIGURES, log_wandb, save_figures, write_tables
+from lightning_sparse.compare.runs import (
+    NotARunError,
+    Run,
+    describe_method,
+    last_value,
+    read_run,
+    resolve_runs,
+    series,
+    train_time,
+)
+
+SAD_KEYS = ("sad/global_norm", "sad/global_vs_init_norm")
+
+__all__ = ["compare", "collect", "NotARunError", "Run", "resolve_runs", "read_run", "FIGURES"]
+
+
+def collect(runs: list[Run], image_size: int | None = None, batch_size: int = 64, reps: int = 10,
+            timing: bool = True) -> list[dict[str, Any]]:
+    """One row per run (see the module docstring); timing interleaves every model in one loop."""
+    rows, models, shapes, owners, dense_refs = [], [], [], [], {}
+    for run in runs:
+        row: dict[str, Any] = dict.fromkeys(c for c, _, _ in COLUMNS)
+        row.update(run=str(run.path), **describe_method(run.config))
+        row["val_acc"] = last_value(run.metrics, "val/acc")
+        row["test_acc"] = last_value(run.metrics, "test/acc")
+        row["sad_global_norm"] = last_value(run.metrics, "sad/global_norm")
+        row["sad_vs_init_norm"] = last_value(run.metrics, "sad/global_vs_init_norm")
+        row["sad_cumulative"] = last_value(run.metrics, "sad/cumulative")
+        row["train_time_s"], row["train_time_from"] = train_time(run)
+        row["checkpoint"] = run.checkpoint.name if run.checkpoint else None
+        if run.checkpoint is not None:
+            dep = load_deployable(run, image_size)
+            row.update(measure_costs(dep))
+            if timing:
+                if dep.arch_key not in dense_refs:
+                    dense_refs[dep.arch_key] = len(models)
+                    models.append(dep.dense), shapes.append(dep.input_shape), owners.append(None)
+                models.append(dep.model), shapes.append(dep.input_shape), owners.append((len(rows), dep.arch_key))
+        rows.append(row)
+    if models:
+        times = time_interleaved(models, shapes, batch_size=batch_size, reps=reps)
+        for (owner, t) in zip(owners, times):
+            if owner is None:
+                continue
+            i, key = owner
+            ref = times[dense_refs[key]]
+            rows[i].update(latency_ms=t["latency_ms"], throughput=t["throughput"], dense_latency_ms=ref["latency_ms"],
+                           dense_throughput=ref["throughput"], speedup=t["throughput"] / ref["throughput"])
+    return rows
+
+
+def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image_size: int | None = None,
+            batch_size: int = 64, reps: int = 10, timing: bool = True, threads: int | None = None) -> list[dict[str, Any]]:
+    """Compare runs into a table and figures under ``out``.
+
+    Args:
+        runs: run directories (``runs/<name>/version_N`` or ``runs/<name>`` for its latest version) or globs.
+        out: output directory (created).
+        wandb: also log the table and figures to W&B (offline unless ``WANDB_MODE`` says otherwise).
+        image_size: input resolution for FLOPs and timing; default each run's ``data.init_args.image_size``.
+        batch_size: batch size of the throughput measurement (latency uses batch 1).
+        reps: timed repetitions per model (median); every repetition runs every model once, round-robin.
+        timing: measure CPU latency/throughput (off: those columns stay empty).
+        threads: ``torch.set_num_threads`` for the timing (default: torch's); 1 gives steadier ratios on a
+            machine that other jobs share.
+
+    Returns:
+        The table rows (column -> value, None where a run lacks it).
+
+    Raises:
+        ValueError: no runs, or a pattern that matches nothing.
+        NotARunError: a path that is not a run directory (the message names it).
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got threads={threads}.")
+        torch.set_num_threads(threads)
+    paths = resolve_runs(list(runs))
+    loaded = [read_run(p) for p in paths]
+    for run in loaded:
+        for note in run.notes:
+            print(f"compare: {run.name}: {note}", file=sys.stderr)
+    rows = collect(loaded, image_size=image_size, batch_size=batch_size, reps=reps, timing=timing)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    timed = (f"CPU, {torch.get_num_threads()} thread(s), latency at batch 1 and throughput at batch {batch_size}, "
+             f"median of {reps} round-robin repetitions next to the dense model of the same architecture "
+             f"(load average {load})") if timing else "off"
+    header = (
+        f"# Comparison of {len(rows)} runs\n\n"
+        f"`python -m lightning_sparse.compare` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; timing: {timed}. "
+        "Deployable model: slimmed where Chase slimmed, dense-shaped otherwise, N:M counted at N/M. — = not in the run."
+    )
+    write_tables(rows, out_dir, header)
+    sad = {str(r.path): {k: series(r.metrics, k) for k in SAD_KEYS} for r in loaded}
+    figures = save_figures(rows, sad, out_dir)
+    if wandb:
+        print(f"compare: W&B run in {log_wandb(rows, figures, out_dir)}", file=sys.stderr)
+    print(f"compare: {len(rows)} runs -> {out_dir}/comparison.md, comparison.csv, "
+          + ", ".join(f"{n}.png" for n in FIGURES), file=sys.stderr)
+    return rows
