@@ -182,7 +182,7 @@ def main(
 
     names = [name for name, _ in todo if _done(name, runs_path)]
     out_dir = Path(out) if Path(out).is_absolute() else ROOT / out
-    run_compare([str(runs_path / n) for n in names], out=str(out_dir), reps=reps, threads=threads)
+    run_compare([os.path.relpath(runs_path / n) for n in names], out=str(out_dir), reps=reps, threads=threads)
     fit_s = [float(r["train_time_s"]) for r in csv.DictReader((out_dir / "comparison.csv").open()) if r["train_time_s"]]
     text = (
         f"# Digits sweep\n\n{len(names)} runs (seeds {seeds}); fit wall-clock of these runs {sum(fit_s) / 60:.1f} min "
