@@ -33,6 +33,11 @@ def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, 
     metrics = (run_dir / "version_0" / "metrics.csv").read_text()
     for key in ("train/loss", "val/acc", "test/acc", "lr"):
         assert key in metrics
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in cli.trainer.loggers:  # the offline writer is its own process: finish the run before reading
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and b"val/acc" in offline[0].read_bytes()
     assert cli.trainer.callback_metrics["test/acc"] >= 0.0
