@@ -197,6 +197,10 @@ class ResumableDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_train_state = state_dict.get("train_loader")
 
+    def predict_dataloader(self) -> Any:
+        """``predict`` runs over the test split (``train.py predict`` returns its logits)."""
+        return self.test_dataloader()
+
     def resumable_train_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                                drop_last: bool = False) -> ResumableDataLoader:
         """A shuffled (:class:`EpochSampler`, sharded over the trainer's DDP ranks), resumable train loader

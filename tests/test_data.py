@@ -107,3 +107,11 @@ def test_digits_training_order_depends_only_on_seed_and_epoch():
     c = first_batch(2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
+
+
+def test_predict_runs_over_the_test_split():
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    dm.setup()
+    pred = torch.cat([x for x, _ in dm.predict_dataloader()])
+    test = torch.cat([x for x, _ in dm.test_dataloader()])
+    assert torch.equal(pred, test) and len(pred) == len(dm.test_dataloader().dataset)

@@ -291,8 +291,7 @@ def test_train_py_stages_on_the_quickstart_chase_checkpoint(tmp_path, monkeypatc
     args = ["--config", str(config), f"--ckpt_path={last}"]
     assert main(["validate", *args]).trainer.callback_metrics["val/acc"].item() == pytest.approx(val_acc, abs=1e-6)
     assert main(["test", *args]).trainer.callback_metrics["test/acc"].item() == pytest.approx(acc, abs=1e-6)
-    # DigitsDataModule has no predict split of its own: predict on its test split
-    monkeypatch.setattr(DigitsDataModule, "predict_dataloader", DigitsDataModule.test_dataloader, raising=False)
+    # predict runs over the DataModule's test split
     preds = torch.cat(main(["predict", *args, "--trainer.limit_predict_batches=2"]).trainer.predict_loop.predictions)
     torch.testing.assert_close(preds, logits, rtol=0, atol=1e-5)
     loaded = ImageClassifier.load_from_checkpoint(last).eval()
