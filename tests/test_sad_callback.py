@@ -402,7 +402,7 @@ def test_resnet50_references_fit_in_8_mb() -> None:
 
 @pytest.mark.parametrize("interval", [0, -3, 1.5, True])
 def test_bad_interval(interval: Any) -> None:
-    with pytest.raises(ValueError, match=r"`interval` must be an int >= 1 \(optimizer steps\), got interval="):
+    with pytest.raises(ValueError, match=r"`interval` \(optimizer steps\) must be an int >= 1, got interval="):
         SADTracker(interval=interval)
 
 

@@ -242,11 +242,14 @@ class NMSparsity(pl.Callback):
         """Run code on the masked weights outside a Trainer: ``with nm.masked(model): model(x)``."""
         if not self._hooks:
             self.attach(module)
-        self._open()
+        inside = self._window  # already in a training batch or an evaluation loop: leave it as it is
+        if not inside:
+            self._open()
         try:
             yield module
         finally:
-            self._close()
+            if not inside:
+                self._close()
 
     @property
     def masking(self) -> bool:

@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.checks import check_range
 from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount_tensor
 
 __all__ = ["SADTracker", "MaskFn"]
@@ -120,8 +121,7 @@ class SADTracker(pl.Callback):
 
     @staticmethod
     def _validate(interval: Any, mask_fn: Any, plot_every_n_epochs: Any, per_layer: Any) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"`interval` must be an int >= 1 (optimizer steps), got interval={interval!r}.")
+        check_range("interval", interval, 1, low_inclusive=True, integer=True, what="optimizer steps")
         if mask_fn is not None and not callable(mask_fn):
             raise ValueError(
                 f"`mask_fn` must be None or a callable pl_module -> dict[str, bool Tensor], got {mask_fn!r}."

@@ -59,7 +59,7 @@ class MaskEngine:
         self._params: dict[str, nn.Parameter] = {}
         self._mult: dict[str, torch.Tensor] | None = None
         self._dense: dict[str, torch.Tensor] | None = None
-        self.used: Masks = {}  # the masks of the last write_masked
+        self._masked: dict[str, torch.Tensor] = {}  # W ⊙ M of the last write_masked
 
     # ------------------------------------------------------------------------------------- binding
     @property
@@ -159,14 +159,13 @@ class MaskEngine:
         """Store ``W ⊙ mask_fn(W)`` in each bound Parameter (``names``: a subset), keeping ``W`` aside."""
         if self._dense is not None:
             return
-        self._dense, self.used = {}, {}
+        self._dense, self._masked = {}, {}
         with torch.inference_mode(False):  # evaluation loops run in inference mode
             for name in names if names is not None else self._params:
                 p = self._params[name]
                 dense = p.data
-                mask = mask_fn(dense)
-                self._dense[name], self.used[name] = dense, mask
-                p.data = dense * mask
+                self._dense[name] = dense
+                p.data = self._masked[name] = dense * mask_fn(dense)
 
     @torch.no_grad()
     def restore_dense(self) -> bool:
@@ -180,17 +179,18 @@ class MaskEngine:
 
     @torch.no_grad()
     def add_decay(self, decay: float, params: set[int] | None = None) -> None:
-        """SR-STE's term: ``grad += decay · (1 − M) ⊙ W`` with the dense ``W`` and the last used ``M``.
+        """SR-STE's term: ``grad += decay · (1 − M) ⊙ W`` with the dense ``W`` and the last written
+        ``W ⊙ M`` (``(1 − M) ⊙ W`` is exactly ``W − W ⊙ M``).
 
         ``params``: ids of the Parameters to treat (those of the optimizer about to step); default all.
         """
         if not decay:
             return
-        for name, mask in self.used.items():
+        for name, masked in self._masked.items():
             p = self._params[name]
             if p.grad is None or (params is not None and id(p) not in params):
                 continue
-            p.grad.add_(p.detach() * ~mask, alpha=decay)
+            p.grad.add_(p.detach() - masked, alpha=decay)
 
     # ------------------------------------------------------------------------------- optimizers
     @staticmethod
