@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conftest import TinyNet
+from helpers.training import assert_equal_nested
 from lightning_sparse.callbacks import DynamicSparsity, SADTracker
 from lightning_sparse.data import DigitsDataModule, FakeDataModule
 from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint, find_last_checkpoint
@@ -89,21 +90,6 @@ def _final(trainer: pl.Trainer) -> dict:
     return {"weights": {k: v.clone() for k, v in trainer.lightning_module.state_dict().items()}, "opt": opt, "cb": cbs}
 
 
-def _assert_equal(a, b, path="") -> None:
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted 3-epoch run that also writes a checkpoint after every step."""
@@ -121,14 +107,14 @@ def test_resume_from_step_checkpoint_is_bitwise_equal(tmp_path, reference, step)
     for s in rec.loss:  # same batch, same loss, at every step after the resume
         assert rec.batch[s] == full_rec.batch[s], s
         assert rec.loss[s] == full_rec.loss[s], s
-    _assert_equal(_final(trainer), full)
+    assert_equal_nested(_final(trainer), full)
 
 
 def test_resume_with_workers_is_bitwise_equal(tmp_path, reference):
     root, full, full_rec = reference
     trainer, rec = _fit(tmp_path, 3, [], ckpt_path=str(root / "steps" / "step=7.ckpt"), num_workers=2)
     assert all(rec.batch[s] == full_rec.batch[s] and rec.loss[s] == full_rec.loss[s] for s in rec.loss)
-    _assert_equal(_final(trainer), full)
+    assert_equal_nested(_final(trainer), full)
 
 
 def test_sigterm_mid_step_saves_that_step_and_resumes_bitwise(tmp_path, reference):
@@ -141,7 +127,7 @@ def test_sigterm_mid_step_saves_that_step_and_resumes_bitwise(tmp_path, referenc
     assert torch.load(saved[0], weights_only=False)["global_step"] == 9
     trainer, rec = _fit(tmp_path / "b", 3, [], ckpt_path=str(saved[0]))
     assert min(rec.loss) == 9 and all(rec.loss[s] == full_rec.loss[s] for s in rec.loss)
-    _assert_equal(_final(trainer), full)
+    assert_equal_nested(_final(trainer), full)
 
 
 def test_exception_inside_a_step_writes_nothing(tmp_path):

@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from helpers.training import assert_equal_nested
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCHES = 3, 4  # 12 steps; steps 4-7 are epoch 1
 OVERRIDES = {
@@ -80,21 +82,6 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def _assert_equal(a, b, path="") -> None:
-    if torch.is_tensor(a):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 def _max_delta(a: dict, b: dict) -> float:
     return max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()),
                default=0.0)
@@ -123,7 +110,7 @@ def _compare(tmp_path_factory, cwd: Path, config: str, stop: str, resumed: subpr
     losses = _losses(_run_dir(cwd, config))
     assert res["step"] == full["step"] == EPOCHS * BATCHES
     assert full["callbacks"] and res["callbacks"].keys() == full["callbacks"].keys()
-    _assert_equal(res, full)  # weights, optimizer state, masks, channel configuration, SAD history
+    assert_equal_nested(res, full)  # weights, optimizer state, masks, channel configuration, SAD history
     assert sorted(losses) == sorted(full_losses)
     assert all(losses[s] == full_losses[s] for s in losses)  # per-step train losses, bitwise
     source = next(line for line in (resumed.stdout + resumed.stderr).splitlines() if "Resuming from" in line

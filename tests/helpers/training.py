@@ -41,3 +41,19 @@ def optimizer_state(trainer: pl.Trainer) -> list[dict[str, torch.Tensor]]:
         {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
         for s in trainer.optimizers[0].state.values()
     ]
+
+
+def assert_equal_nested(a: Any, b: Any, path: str = "") -> None:
+    """Bitwise equality of nested dicts/lists/tensors (tensors also by dtype); ``path`` names the first difference."""
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_equal_nested(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_nested(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
