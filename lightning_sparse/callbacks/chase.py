@@ -227,13 +227,19 @@ class Chase(pl.Callback):
         self.channels.load_state_dict(state_dict)
         self.num_updates = int(state_dict["num_updates"])
         self.budget = int(state_dict["budget"])
-        self.total_weights = int(state_dict["total_weights"])
+        self.total_weights = int(state_dict.get("total_weights") or self._total_weights_of_old_state(state_dict))
         self.arch = state_dict["arch"]
         self.dense_flops = int(state_dict.get("dense_flops", 0))
         self.guard.load_state_dict(state_dict.get("guard", {}))
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
     # ----------------------------------------------------------------------------------- internals
+    def _total_weights_of_old_state(self, state: dict[str, Any]) -> int:
+        """N of a checkpoint written before N was stored: the masks' size, exact only if nothing was slimmed."""
+        if state.get("arch"):
+            raise ValueError("Chase: this checkpoint predates the stored weight count N and the model was slimmed, "
+                             "so N cannot be recovered; resume it with the version that wrote it.")
+        return sum(int(m.numel()) for m in self.engine.masks.values())
     def _seed(self, step: int) -> int:
         return self.seed * 1_000_003 + step
 
