@@ -226,3 +226,33 @@ def test_architecture_that_cannot_be_slimmed(tmp_path):
 
     with pytest.raises(ValueError, match=r"Chase found no candidate conv among the sparse layers of Res"):
         trainer(tmp_path, 6, [Chase(**{**KW, "sparse_first_last": True})], max_epochs=3).fit(Res(), fixed_loader())
+
+
+class LogitsAtFitEnd(pl.Callback):
+    """Placed before Chase: the zeroed (not yet slimmed) model's logits and conv widths at the end of fit."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.logits, self.widths = x, None, None
+
+    def on_fit_end(self, trainer, pl_module):
+        pl_module.eval()
+        with torch.no_grad():
+            self.logits = pl_module(self.x).clone()
+        self.widths = {n: m.out_channels for n, m in pl_module.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_slim_at_end_on_one_device(tmp_path):
+    x = next(iter(fixed_loader()))[0][:8]
+    probe = LogitsAtFitEnd(x)
+    pl.seed_everything(0)
+    model = TinyNet()
+    chase = Chase(**{**KW, "slim": "end"})
+    trainer(tmp_path, 18, [probe, chase], max_epochs=3).fit(model, fixed_loader())
+    removed = {layer: len(ch) for layer, ch in chase.removed.items() if ch}
+    assert removed  # channels were removed during training ...
+    for layer, n in removed.items():  # ... kept as zeros until the end (full width then), slimmed after
+        assert probe.widths[layer] == chase.start_channels[layer]
+        assert model.get_submodule(layer).out_channels == chase.start_channels[layer] - n
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), probe.logits, rtol=1e-5, atol=1e-5)
