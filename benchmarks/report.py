@@ -66,7 +66,7 @@ BENCHES = [
           ["--model", "vit_base_patch16_224", "--random-init", "--dtype", "float16", "bfloat16",
            "--batch-size", "64", "256"],
           ["--linear", "4096x4096", "--batch-size", "1024", "--dtype", "float16"],
-          "2:4 semi-structured (torch.sparse) inference vs dense 2:4-masked, CUDA only"),
+          "2:4 semi-structured (torch.sparse) inference vs dense 2:4-masked, CUDA only (H100: results/semi_structured_h100/)"),
 ]
 
 
