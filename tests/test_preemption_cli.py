@@ -9,7 +9,6 @@ checkpoint, max |Δ| of the weights).
 
 from __future__ import annotations
 
-import csv
 import os
 import stat
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from helpers.training import assert_equal_nested
+from helpers.training import assert_equal_nested, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCHES = 3, 4  # 12 steps; steps 4-7 are epoch 1
@@ -73,15 +72,6 @@ def _final(run_dir: Path) -> dict:
             "step": ckpt["global_step"]}
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for path in run_dir.glob("version_*/metrics.csv"):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
-
-
 def _max_delta(a: dict, b: dict) -> float:
     return max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()),
                default=0.0)
@@ -98,7 +88,7 @@ def _full(tmp_path_factory, config: str, *args: str) -> tuple[dict, dict]:
         cwd = tmp_path_factory.mktemp("full")
         proc = _train(cwd, "--config", str(_config(cwd, config, [], "full")), *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        _FULL[key] = (_final(_run_dir(cwd, config)), _losses(_run_dir(cwd, config)))
+        _FULL[key] = (_final(_run_dir(cwd, config)), train_losses(_run_dir(cwd, config)))
     return _FULL[key]
 
 
@@ -107,7 +97,7 @@ def _compare(tmp_path_factory, cwd: Path, config: str, stop: str, resumed: subpr
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full, full_losses = _full(tmp_path_factory, config, *full_args)
     res = _final(_run_dir(cwd, config))
-    losses = _losses(_run_dir(cwd, config))
+    losses = train_losses(_run_dir(cwd, config))
     assert res["step"] == full["step"] == EPOCHS * BATCHES
     assert full["callbacks"] and res["callbacks"].keys() == full["callbacks"].keys()
     assert_equal_nested(res, full)  # weights, optimizer state, masks, channel configuration, SAD history

@@ -6,7 +6,6 @@ uninterrupted run. Checkpoints are written every epoch (the default), so the kil
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from helpers.training import train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,15 +52,6 @@ def _state(run_dir: Path) -> tuple[dict, dict]:
     return ckpt["state_dict"], {k: v for k, v in ckpt["callbacks"].items() if "Checkpoint" not in k}
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for path in run_dir.glob("version_*/metrics.csv"):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
-
-
 def _equal(a, b) -> bool:
     if torch.is_tensor(a):
         return torch.equal(a, b)
@@ -88,6 +80,6 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, config):
     assert full_cb.keys() == res_cb.keys() and full_cb
     assert _equal(full_cb, res_cb)  # masks, channel config, counters
     assert _equal(full_w, res_w)
-    full_losses, res_losses = _losses(full_dir / "runs" / run), _losses(crash_dir / "runs" / run)
+    full_losses, res_losses = train_losses(full_dir / "runs" / run), train_losses(crash_dir / "runs" / run)
     for step in range(8, 12):  # steps after the resume point
         assert res_losses[step] == pytest.approx(full_losses[step], rel=0, abs=0), step

@@ -151,18 +151,12 @@ def test_skip_reason_on_cpu():
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Pretend a CUDA device exists, with a settable capability (no kernel is ever run)."""
-    state = {"cap": (8, 0)}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["cap"])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
-    return state
+    """Pretend a CUDA device exists, with a settable capability (``fake_gpu.capability``)."""
+    return fake_semi_structured.install(monkeypatch)
 
 
 def test_skip_reason_old_gpu(fake_gpu):
-    fake_gpu["cap"] = (7, 5)
+    fake_gpu.capability = (7, 5)
     assert skip_reason(Mixed()) == (
         "Fake GPU has compute capability 7.5; 2:4 sparse tensor cores need >= 8.0 (A100, RTX 30xx/40xx, H100)"
     )

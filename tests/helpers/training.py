@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -57,3 +59,13 @@ def assert_equal_nested(a: Any, b: Any, path: str = "") -> None:
             assert_equal_nested(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> ``train/loss`` from every ``version_*/metrics.csv`` of a CLI run directory."""
+    out = {}
+    for path in run_dir.glob("version_*/metrics.csv"):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
