@@ -42,6 +42,23 @@ class TinyNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
 
 
+class TinyResNet(TinyNet):
+    """A narrow timm ResNet (the resnet18 / resnet50 block code, one block per stage) as a LightningModule."""
+
+    def __init__(self, block: str = "basic", in_chans: int = 1, num_classes: int = 10, lr: float = 0.05,
+                 optimizer: str = "sgd") -> None:
+        pl.LightningModule.__init__(self)
+        from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+        cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        self.model = ResNet(cls, [1, 1, 1, 1], num_classes=num_classes, in_chans=in_chans, stem_width=8,
+                            channels=(8, 16, 32, 64), zero_init_last=False)
+        self.lr, self.optimizer = lr, optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     pl.seed_everything(0)

@@ -25,10 +25,11 @@ from lightning_sparse.callbacks._base import check_strategy, example_input, log_
 from lightning_sparse.callbacks._schedule import UpdateGuard, steps_per_epoch, total_steps
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
 from lightning_sparse.slim import restore_before_weights_load, slim_model
-from lightning_sparse.sparsity.channels import channel_floor, channel_scores, n_channels_to_remove
+from lightning_sparse.sparsity.channels import channel_floor, group_channel_scores, n_channels_to_remove
 from lightning_sparse.sparsity.channels import select_channels_to_remove
 from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, budget_targets, check_chase_args
 from lightning_sparse.sparsity.chase import redistribute_masks, soft_bound_update, strict_budget_update
+from lightning_sparse.sparsity.chase import cap_budget, total_weights_of_old_state
 from lightning_sparse.sparsity.dst import initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.targets import select_targets
@@ -55,6 +56,12 @@ class Chase(pl.Callback):
     Torch-Pruning's dependency graph (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output
     channels feed no residual sum.
 
+    ``residual_channels=True`` ("Chase (prune skip)"; its reference code is not public, this is our
+    definition): each residual stream is one more candidate, the coupled group of Torch-Pruning's graph
+    (every conv/BN writing into the sums, the downsample branch, the stem where it feeds the stream, every
+    consumer's input slice). Its UMM pools all producer filters, Σ|w ⊙ m| / Σ numel (a dense stem counts
+    fully); it is ranked with the other candidates, keeps the same floor, and takes part when one producer is sparse.
+
     Slimming (``slim``): ``"during"`` deletes removed channels physically right after each removal
     (optimizer state and masks are sliced the same way; single-device only — under DDP it falls back to
     ``"end"``), ``"end"`` at the end of fit, ``"never"`` keeps them as zeros. The slim channel
@@ -73,6 +80,7 @@ class Chase(pl.Callback):
         phase2_drop_fraction: (s, e) of the whole-training cosine phase 2 reads (reference 0.5 → 0.005).
         growth: ``"gradient"`` (reference) or ``"random"``.
         score: ``"umm"`` (unmasked mean magnitude, reference) or ``"maskwise"`` (ablation).
+        residual_channels: also remove channels of the residual streams ("prune skip", see above).
         slim: ``"during"``, ``"end"`` or ``"never"``.
         round_to: keep slimmed channel counts multiples of this (e.g. 8); ``None`` = exact.
         input_shape: ``(C, H, W)`` of one example, used to trace the model; default: the module's
@@ -106,6 +114,7 @@ class Chase(pl.Callback):
         phase2_drop_fraction: tuple[float, float] = (0.5, 0.005),
         growth: str = "gradient",
         score: str = "umm",
+        residual_channels: bool = False,
         slim: str = "during",
         round_to: int | None = None,
         input_shape: tuple[int, int, int] | None = None,
@@ -126,20 +135,20 @@ class Chase(pl.Callback):
         self.engine = MaskEngine()
         self.guard = UpdateGuard(max_postponed)
         self.channels = ChannelBook()
-        self.num_updates = 0
-        self.budget = self.total_weights = 0
+        self.num_updates = self.budget = self.total_weights = 0
         self.groups: dict[str, ChannelGroup] = {}
         self.arch: dict[str, dict[str, int]] | None = None  # channel config after slimming
         self.schedule: ChaseSchedule | None = None
-        self.dense_flops = 0
-        self.flops_ratio = 1.0
+        self.dense_flops, self.flops_ratio = 0, 1.0
         self.pending_slim = False
         self._example: torch.Tensor | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(density=self.density, channel_sparsity=self.channel_sparsity, score=self.score)
+        extra = {"residual_channels": True} if self.residual_channels else {}  # older checkpoints keep their key
+        return self._generate_state_key(density=self.density, channel_sparsity=self.channel_sparsity, score=self.score,
+                                        **extra)
 
     # ----------------------------------------------------------------------------------- public API
     masks = property(lambda self: self.engine.masks, doc="Unstructured masks of the sparse layers (True = kept).")
@@ -227,19 +236,13 @@ class Chase(pl.Callback):
         self.channels.load_state_dict(state_dict)
         self.num_updates = int(state_dict["num_updates"])
         self.budget = int(state_dict["budget"])
-        self.total_weights = int(state_dict.get("total_weights") or self._total_weights_of_old_state(state_dict))
+        self.total_weights = int(state_dict.get("total_weights") or total_weights_of_old_state(state_dict))
         self.arch = state_dict["arch"]
         self.dense_flops = int(state_dict.get("dense_flops", 0))
         self.guard.load_state_dict(state_dict.get("guard", {}))
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
     # ----------------------------------------------------------------------------------- internals
-    def _total_weights_of_old_state(self, state: dict[str, Any]) -> int:
-        """N of a checkpoint written before N was stored: the masks' size, exact only if nothing was slimmed."""
-        if state.get("arch"):
-            raise ValueError("Chase: this checkpoint predates the stored weight count N and the model was slimmed, "
-                             "so N cannot be recovered; resume it with the version that wrote it.")
-        return sum(int(m.numel()) for m in self.engine.masks.values())
     def _seed(self, step: int) -> int:
         return self.seed * 1_000_003 + step
 
@@ -262,14 +265,14 @@ class Chase(pl.Callback):
 
     def _run_find_candidates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
-            groups = channel_candidates(pl_module, self.example_inputs(trainer, pl_module))
+            groups = channel_candidates(pl_module, self.example_inputs(trainer, pl_module), self.residual_channels)
         except ValueError as err:
             groups = {}
             if self.channel_sparsity == 0:
                 return
             rank_zero_warn(f"Chase: {err}")
-        # only convs whose weight is sparse take part (the stem conv stays out by default)
-        self.groups = {k: g for k, g in groups.items() if f"{k}.weight" in self.masks}
+        # only groups with a sparse producer take part (the stem conv alone stays out by default)
+        self.groups = {k: g for k, g in groups.items() if any(w in self.masks for w in g.producer_weights)}
         if not self.groups and self.channel_sparsity > 0:
             raise ValueError(
                 f"Chase found no candidate conv among the sparse layers of {type(pl_module).__name__}: every "
@@ -301,7 +304,9 @@ class Chase(pl.Callback):
         assert self.schedule is not None
         s_t = self.schedule.channel_target(step)
         masks, params = self.engine.enforced(), self.engine.params
-        scores = {k: channel_scores(params[f"{k}.weight"], masks[f"{k}.weight"], self.score).cpu() for k in self.groups}
+        scores = {k: group_channel_scores([params[w] for w in g.producer_weights],
+                                          [masks.get(w) for w in g.producer_weights], self.score).cpu()
+                  for k, g in self.groups.items()}
         active = {k: self.channels.active_flags(k, g.channels) for k, g in self.groups.items()}
         n_active = sum(int(a.sum()) for a in active.values())
         n_remove = n_channels_to_remove(n_active, sum(self.channels.start.values()), s_t)
@@ -328,6 +333,7 @@ class Chase(pl.Callback):
     def _run_redistribute(self, trainer: pl.Trainer) -> None:
         """ERK over the remaining shapes with the same budget B; bring every layer to its count now."""
         params = self.engine.params
+        self.budget = cap_budget(self.budget, params, self.masks, self.engine.allowed)
         self.engine.masks = redistribute_masks({n: params[n] for n in self.masks}, self.masks, self.engine.allowed,
                                                self.budget, self.growth, self._seed(trainer.global_step))
 
@@ -359,7 +365,7 @@ class Chase(pl.Callback):
             return
         old_params = dict(pl_module.named_parameters())
         result = slim_model(pl_module, todo, self.example_inputs(trainer, pl_module), round_to=self.round_to,
-                            return_result=True)
+                            include_residual=self.residual_channels, return_result=True)
         for layer, idx in result.removed.items():
             self.channels.mark_slimmed(layer, list(idx))
         # rounding may keep some removed channels: they stay zero through `allowed`

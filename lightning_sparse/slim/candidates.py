@@ -46,12 +46,21 @@ class ChannelGroup:
         coupled: other convs whose output channels go along (depthwise convs; residual partners only
             with ``include_residual=True``).
         entries: the affected parameters and buffers.
+        producers: the convs/linears whose *filters* make the group's channels: the root and its
+            residual partners (not depthwise convs, which only carry a channel through). Chase scores a
+            group channel over all of them. Empty means ``(layer,)``.
     """
 
     layer: str
     channels: int
     coupled: tuple[str, ...]
     entries: tuple[ChannelEntry, ...]
+    producers: tuple[str, ...] = ()
+
+    @property
+    def producer_weights(self) -> list[str]:
+        """Weight names of :attr:`producers` (output channels along dim 0)."""
+        return [f"{p}.weight" for p in (self.producers or (self.layer,))]
 
     @property
     def params(self) -> list[tuple[str, int]]:
@@ -99,6 +108,7 @@ def analyze_conv(
         return None, "it is not reached by the forward pass of the example inputs", None
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(conv.out_channels)))
     coupled: list[str] = []
+    producers: list[str] = [name]
     entries: list[ChannelEntry] = []
     for item in group:
         dep, target = item.dep, item.dep.target
@@ -120,6 +130,8 @@ def analyze_conv(
             if not is_depthwise(module) and not include_residual:
                 return None, f"removing its channels also removes output channels of {mname!r} (residual coupling)", group
             coupled.append(mname)
+            if not is_depthwise(module):
+                producers.append(mname)
         try:
             local = local_entries(module, is_out)
         except ValueError as err:
@@ -129,7 +141,7 @@ def analyze_conv(
                 name=f"{mname}.{pname}" if mname else pname, dim=dim, is_buffer=is_buf,
                 positions=tuple(int(i) for i in item.idxs), roots=tuple(int(r) for r in item.root_idxs),
             ))
-    return ChannelGroup(name, conv.out_channels, tuple(coupled), tuple(entries)), None, group
+    return ChannelGroup(name, conv.out_channels, tuple(coupled), tuple(entries), tuple(producers)), None, group
 
 
 def channel_candidates(

@@ -31,6 +31,7 @@ from lightning_sparse.sparsity.distributions import erk_densities, layer_counts
 __all__ = [
     "ScoreMode",
     "channel_scores",
+    "group_channel_scores",
     "channel_sparsity_schedule",
     "channel_floor",
     "n_channels_to_remove",
@@ -93,6 +94,43 @@ def channel_scores(weight: torch.Tensor, mask: torch.Tensor | None = None, mode:
     if mode == "umm":
         return total / w.shape[1]
     count = m.sum(dim=1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def group_channel_scores(
+    weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], mode: str = "umm"
+) -> torch.Tensor:
+    """Chase's score of channels that several filters produce together (a residual stream's channels).
+
+    A channel of a residual stream is written by every conv that adds into the stream (the block's last
+    conv, the downsample conv, the stem), so its score pools all of those filters: ``"umm"`` is
+    ``Σ_f sum(|w_f,c ⊙ m_f,c|) / Σ_f numel(w_f,c)`` over the producers f, ``"maskwise"`` the mean |w| over
+    the unmasked entries of all of them. With one producer this is :func:`channel_scores`. A dense
+    producer (e.g. the stem, kept dense by the first-layer rule) takes ``None`` as its mask.
+
+    Example:
+        >>> w1, w2 = torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([[4.0], [0.0]])
+        >>> m1 = torch.tensor([[True, False], [True, True]])
+        >>> group_channel_scores([w1, w2], [m1, None]).tolist()  # (1 + 4) / 3, (3.5 + 0) / 3
+        [1.6666666269302368, 1.1666666269302368]
+    """
+    if not weights or len(weights) != len(masks):
+        raise ValueError(f"need one mask (or None) per producer weight, got {len(weights)} weights, {len(masks)} masks.")
+    channels = {int(w.shape[0]) for w in weights}
+    if len(channels) != 1:
+        raise ValueError(f"producer weights disagree on the channel count: {[tuple(w.shape) for w in weights]}.")
+    total = count = numel = 0
+    for w, m in zip(weights, masks):
+        fan = max(1, w[0].numel())
+        ones = torch.ones_like(w, dtype=torch.bool) if m is None else m
+        umm = channel_scores(w, ones, "umm")  # sum|w*m| / fan
+        total = total + umm * fan
+        count = count + ones.reshape(ones.shape[0], -1).sum(dim=1).to(umm)
+        numel += fan
+    if mode == "umm":
+        return total / numel
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode={mode!r} is not a channel score; choose one of {list(SCORE_MODES)}.")
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 

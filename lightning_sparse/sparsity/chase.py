@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from lightning_sparse.sparsity.dst import (
 )
 
 __all__ = ["ChaseSchedule", "ChannelBook", "soft_bound_update", "strict_budget_update", "redistribute_masks",
-           "budget_targets", "check_chase_args", "SLIM_MODES", "PHASE1_FINAL_GROWTH"]
+           "budget_targets", "cap_budget", "check_chase_args", "total_weights_of_old_state", "SLIM_MODES", "PHASE1_FINAL_GROWTH"]
 
 Masks = dict[str, torch.Tensor]
 SLIM_MODES = ("during", "end", "never")
@@ -57,6 +59,8 @@ def check_chase_args(a: Mapping[str, Any]) -> None:
             f"`phase2_drop_fraction` must be (start, end) with 0 <= end <= start < 1, got {a['phase2_drop_fraction']}."
         )
     check_choice("score", a["score"], SCORE_MODES)
+    if not isinstance(a["residual_channels"], bool):
+        raise ValueError(f"`residual_channels` must be True or False, got residual_channels={a['residual_channels']!r}.")
     check_choice("slim", a["slim"], SLIM_MODES)
     check_choice("growth", a["growth"], GROWTH_MODES)
     check_choice("distribution", a["distribution"], DISTRIBUTIONS)
@@ -171,6 +175,25 @@ def budget_targets(weights: Mapping[str, torch.Tensor], masks: Masks, allowed: M
     return redistribute_budget({n: effective_shape(tuple(weights[n].shape), allowed.get(n)) for n in masks}, budget)
 
 
+def cap_budget(budget: int, weights: Mapping[str, torch.Tensor], masks: Masks, allowed: Mapping[str, torch.Tensor]) -> int:
+    """``budget``, or the room left when the remaining (channel-removed) shapes cannot hold it (with a warning).
+
+    Removing many channels at a high density (e.g. residual streams at D = 0.3) can leave fewer weights than B;
+    the remaining sparse layers then become dense and B is lowered to what they hold.
+
+    Example:
+        >>> w, allowed = {"a": torch.zeros(4, 2)}, {"a": torch.tensor([[True, True]] * 3 + [[False, False]])}
+        >>> cap_budget(5, w, {"a": torch.ones(4, 2, dtype=torch.bool)}, allowed)  # 6 weights left: B fits
+        5
+    """
+    room = sum(math.prod(effective_shape(tuple(weights[n].shape), allowed.get(n))) for n in masks)
+    if budget > room:
+        warnings.warn(f"Chase: the remaining channels hold {room:,} weights, fewer than the budget B={budget:,}; "
+                      f"B is lowered to {room:,} (use a lower density or channel_sparsity to keep the network sparse).",
+                      stacklevel=2)
+    return min(budget, room)
+
+
 def effective_shape(shape: tuple[int, ...], allowed: torch.Tensor | None) -> tuple[int, ...]:
     """``shape`` with dims 0 and 1 reduced to the slices that ``allowed`` keeps (removed channels gone)."""
     if allowed is None:
@@ -254,3 +277,11 @@ class ChannelBook:
         self.start = dict(state["start_channels"])
         self.removed = {k: list(v) for k, v in state["removed"].items()}
         self.slimmed = {k: list(v) for k, v in state["slimmed"].items()}
+
+
+def total_weights_of_old_state(state: Mapping[str, Any]) -> int:
+    """N of a Chase checkpoint written before N was stored: the masks' size, exact only if nothing was slimmed."""
+    if state.get("arch"):
+        raise ValueError("Chase: this checkpoint predates the stored weight count N and the model was slimmed, "
+                         "so N cannot be recovered; resume it with the version that wrote it.")
+    return sum(int(m.numel()) for m in state["masks"].values())

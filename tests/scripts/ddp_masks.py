@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from conftest import TinyNet  # noqa: E402
+from conftest import TinyNet, TinyResNet  # noqa: E402
 
 
 def make_callback(method: str) -> pl.Callback:
@@ -39,6 +39,12 @@ def make_callback(method: str) -> pl.Callback:
 
         return Chase(density=0.2, channel_sparsity=0.5, update_interval=2, channel_interval_epochs=1,
                      stop_gmp_epochs=3, stop_dst_epochs=1, minimum_ratio=0.5, input_shape=(1, 8, 8))
+    if method == "chase_residual":
+        from lightning_sparse.callbacks import Chase
+
+        return Chase(density=0.1, channel_sparsity=0.5, update_interval=2, channel_interval_epochs=1,
+                     stop_gmp_epochs=3, stop_dst_epochs=1, minimum_ratio=0.5, input_shape=(1, 8, 8),
+                     residual_channels=True)
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -64,7 +70,8 @@ def main() -> None:
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=4, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, SaveMasks(cb, out)],
     )
-    trainer.fit(TinyNet(), DataLoader(data, batch_size=16, shuffle=True))
+    model = TinyResNet("basic") if method == "chase_residual" else TinyNet()
+    trainer.fit(model, DataLoader(data, batch_size=16, shuffle=True))
 
 
 if __name__ == "__main__":
