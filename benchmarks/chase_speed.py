@@ -1,199 +1,293 @@
-"""Chase speed: images/s of a dense vs a channel-slimmed timm ResNet-50, measured side by side.
+"""Chase speed: images/s of a dense vs a channel-slimmed timm CNN in a deployment runtime, side by side.
 
-The slim channel counts come from the real Chase code path: a random-init model gets random ERK masks
-(density 0.1), candidate convs are scored by UMM (:func:`channel_scores`), and the cubic schedule with
-global selection and per-layer floors (beta) removes channels until S_c of the candidate channels are
-gone; then :func:`slim_model` deletes them (after zeroing, so logits are checked to be unchanged).
+The slim channel counts come from the real Chase code path: the model gets random ERK masks (density D;
+the first conv and the last layer dense, as Chase keeps them), candidate groups are scored by UMM (pooled
+over every producer filter for a residual stream, :func:`group_channel_scores`), and the cubic schedule with
+global selection and per-group floors (beta) removes channels until S_c of the candidate channels are gone;
+then :func:`slim_model` deletes them (after zeroing, so the logits are checked to be unchanged).
+``--checkpoint`` times the channel configuration of a trained Chase checkpoint instead of this proxy.
 
-    PYTHONPATH=. python benchmarks/chase_speed.py                      # CPU, 224 px, batch 32, fp32
-    PYTHONPATH=. python benchmarks/chase_speed.py --channels-last --fuse-bn --per-layer
-    PYTHONPATH=. python benchmarks/chase_speed.py --device cuda --dtype float16 --channels-last
+Both models are timed as deployed: BatchNorm folded into the convs, in PyTorch eager (channels_last,
+inference mode) and in onnxruntime (CPU), repetitions interleaved, medians. The goal line uses the runtime
+in which the dense model is faster (the fair baseline).
 
-Prints the FLOPs ratio (slim / dense), the measured speedup (dense time / slim time, medians of
-interleaved repetitions) and the speedup divided by the FLOPs speedup (1.0 = perfectly FLOPs-bound).
-Paper reference (ImageNet ResNet-50, S_c = 0.4): GPU FLOPs 0.67x, 1.7x throughput headline.
+    python benchmarks/chase_speed.py                        # plain Chase, ResNet-50 224 px, batch 32, S_c 0.4
+    python benchmarks/chase_speed.py --residual-channels    # prune-skip at the S_c giving ~0.5x FLOPs
+    python benchmarks/chase_speed.py --sweep 0.2 0.3 0.4 0.5 0.6 0.7 --out benchmarks/results/chase_speed
+    python benchmarks/chase_speed.py --checkpoint runs/quickstart_chase/version_0/checkpoints/last.ckpt
+
+Prints the FLOPs ratio (slim / dense), the measured speedup (dense time / slim time) per runtime and the
+speedup divided by the FLOPs speedup (1.0 = perfectly FLOPs-bound). Goals (CPU, batch 32): plain Chase at
+S_c 0.4 >= 1.35x; prune-skip at ~0.5x FLOPs >= 1.5x and >= 0.85 of its FLOPs speedup.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import json
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from lightning_sparse.slim import channel_candidates, slim_model, slim_report, zero_channels
+from lightning_sparse.slim import channel_candidates, count_flops, slim_model, zero_channels
 from lightning_sparse.sparsity.channels import (
     channel_floor,
-    channel_scores,
     channel_sparsity_schedule,
+    group_channel_scores,
     n_channels_to_remove,
     select_channels_to_remove,
 )
 from lightning_sparse.sparsity.distributions import erk_densities, layer_counts
 
+RUNTIMES = ("eager", "onnxruntime")
 
-def random_erk_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random masks with ERK per-layer counts over every Conv2d/Linear weight (module name -> mask)."""
-    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    total = sum(w.numel() for w in weights.values())
-    counts = layer_counts(erk_densities(shapes, density), shapes, total=int(round(density * total)))
+
+def proxy_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random ERK masks (module name -> mask) over every Conv2d/Linear except the first and the last (dense)."""
+    layers = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sparse = dict(layers[1:-1])
+    shapes = {n: tuple(w.shape) for n, w in sparse.items()}
+    counts = layer_counts(erk_densities(shapes, density), shapes, total=int(round(density * sum(w.numel() for w in sparse.values()))))
     masks = {}
-    for n, w in weights.items():
+    for n, w in sparse.items():
         flat = torch.zeros(w.numel(), dtype=torch.bool)
         flat[torch.randperm(w.numel(), generator=gen)[: counts[n]]] = True
         masks[n] = flat.reshape(w.shape)
     return masks
 
 
-def chase_channels(model: nn.Module, args: argparse.Namespace) -> dict[str, list[int]]:
-    """Run Chase's channel schedule to the end on fixed weights/masks; return conv -> removed channels."""
+def chase_channels(model: nn.Module, sparsity: float, args: argparse.Namespace, residual: bool) -> dict[str, list[int]]:
+    """Run Chase's channel schedule to the end on fixed weights/masks; zero and return conv -> removed channels."""
     gen = torch.Generator().manual_seed(args.seed)
-    groups = channel_candidates(model, torch.randn(1, 3, 64, 64))
-    masks = random_erk_masks(model, args.density, gen)
+    masks = proxy_masks(model, args.density, gen)
+    groups = channel_candidates(model, torch.randn(1, 3, 64, 64), include_residual=residual)
+    groups = {k: g for k, g in groups.items() if any(p in masks for p in (g.producers or (k,)))}
     modules = dict(model.named_modules())
-    scores = {n: channel_scores(modules[n].weight, masks[n], mode=args.score) for n in groups}
+    scores = {k: group_channel_scores([modules[p].weight for p in g.producers or (k,)],
+                                      [masks.get(p) for p in g.producers or (k,)], args.score)
+              for k, g in groups.items()}
     active = {n: torch.ones(g.channels, dtype=torch.bool) for n, g in groups.items()}
-    floors = {n: channel_floor(g.channels, args.sparsity, args.beta) for n, g in groups.items()}
+    floors = {n: channel_floor(g.channels, sparsity, args.beta) for n, g in groups.items()}
     c_total = sum(g.channels for g in groups.values())
     order: dict[str, list[int]] = {n: [] for n in groups}
-    for step in range(1, args.schedule_steps + 1):  # the gradual schedule, evaluated at its update points
-        s_t = channel_sparsity_schedule(step, args.schedule_steps, args.sparsity)
+    for step in range(1, args.schedule_steps + 1):  # the gradual schedule, evaluated at its removal points
+        s_t = channel_sparsity_schedule(step, args.schedule_steps, sparsity)
         n = n_channels_to_remove(sum(int(a.sum()) for a in active.values()), c_total, s_t)
         for name, idx in select_channels_to_remove(scores, active, floors, n).items():
             active[name][idx] = False
             order[name].extend(idx.tolist())
-    removed = sum(len(v) for v in order.values())
-    print(f"candidates: {len(groups)} convs, {c_total} channels; removed {removed} "
-          f"({removed / c_total:.1%}, target S_c={args.sparsity}, beta={args.beta})")
     for name, idx in order.items():
         zero_channels(model, groups[name], idx)
     return {n: v for n, v in order.items() if v}
 
 
-def bench(models: dict[str, nn.Module], x: torch.Tensor, reps: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds per forward for each model, repetitions interleaved."""
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        sync()
-        for _ in range(reps):
-            for k, m in models.items():
-                sync()
-                t0 = time.perf_counter()
-                m(x)
-                sync()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def slim_proxy(dense: nn.Module, sparsity: float, args: argparse.Namespace, residual: bool) -> tuple[nn.Module, float]:
+    """A slimmed copy of ``dense`` (Chase's choice at S_c = ``sparsity``) and its FLOPs ratio at ``args.size``."""
+    slim = copy.deepcopy(dense)
+    removed = chase_channels(slim, sparsity, args, residual)
+    check = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = slim(check)
+    slim_model(slim, removed, check[:1], round_to=args.round_to, include_residual=residual)
+    with torch.no_grad():
+        diff = (slim(check) - ref).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"slimming changed the logits by {diff:.2e}: the zeroed channels were not removable")
+    x = torch.randn(1, 3, args.size, args.size)
+    return slim, count_flops(slim, x) / count_flops(dense, x)
 
 
-def per_layer(models: dict[str, nn.Module], x: torch.Tensor, top: int = 12) -> None:
-    """Wall time per Conv2d (forward hooks, one pass each) dense vs slim: where the time goes."""
-    res: dict[str, dict[str, float]] = {}
-    for key, model in models.items():
-        starts, acc = {}, {}
-        hooks = []
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: starts.__setitem__(n, time.perf_counter())))
-                hooks.append(m.register_forward_hook(lambda mod, inp, out, n=name: acc.__setitem__(n, time.perf_counter() - starts[n])))
-        with torch.inference_mode():
-            model(x)
+def sc_for_flops(dense: nn.Module, target: float, args: argparse.Namespace, residual: bool) -> float:
+    """The S_c (to ~0.01) whose slim model has the FLOPs ratio closest to ``target`` (bisection)."""
+    lo, hi = 0.1, 0.8
+    for _ in range(6):
+        mid = round((lo + hi) / 2, 3)
+        _, ratio = slim_proxy(dense, mid, args, residual)
+        lo, hi = (mid, hi) if ratio > target else (lo, mid)
+    return round((lo + hi) / 2, 2)
+
+
+def runners(models: dict[str, nn.Module], x: torch.Tensor, runtime: str, workdir: Path) -> dict[str, Callable[[], object]]:
+    """One zero-argument callable per model running one batch in ``runtime`` (BN folded)."""
+    from lightning_sparse.export import make_runner
+
+    return {k: make_runner(m, x, runtime, workdir / f"{k}.onnx") for k, m in models.items()}
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function; calls interleaved, the order rotating every round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for j in range(len(names)):
+            n = names[(j + r) % len(names)]
             t0 = time.perf_counter()
-            model(x)
-            acc["<whole forward>"] = time.perf_counter() - t0
-        for h in hooks:
-            h.remove()
-        res[key] = acc
-    dense, slim = res["dense"], res["slim"]
-    whole = (dense.pop("<whole forward>"), slim.pop("<whole forward>"))
-    print(f"\nper-conv wall time (top {top} dense), ms: dense / slim / ratio")
-    for n in sorted(dense, key=dense.get, reverse=True)[:top]:
-        print(f"  {n:28s} {dense[n] * 1e3:8.2f} {slim[n] * 1e3:8.2f} {slim[n] / dense[n]:6.2f}")
-    print(f"  {'all convs':28s} {sum(dense.values()) * 1e3:8.2f} {sum(slim.values()) * 1e3:8.2f} "
-          f"{sum(slim.values()) / sum(dense.values()):6.2f}")
-    rest = (whole[0] - sum(dense.values()), whole[1] - sum(slim.values()))
-    print(f"  {'non-conv (BN, act, add, pool)':28s} {rest[0] * 1e3:8.2f} {rest[1] * 1e3:8.2f} {rest[1] / rest[0]:6.2f}")
-    print(f"  {'whole forward':28s} {whole[0] * 1e3:8.2f} {whole[1] * 1e3:8.2f} {whole[1] / whole[0]:6.2f}")
-    small = [n for n in slim if n in dense and slim[n] / dense[n] > 0.9 and "conv3" not in n and "downsample" not in n]
-    print(f"  convs not shrinking (excl. conv3/downsample): {len(small)}")
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
-def main() -> None:
+def measure(dense: nn.Module, slim: nn.Module, args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Per runtime: dense and slim seconds per batch and the speedup, measured side by side."""
+    x = torch.randn(*shape)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for runtime in args.runtime:
+            t = time_interleaved(runners({"dense": dense, "slim": slim}, x, runtime, Path(tmp)), args.reps, args.warmup)
+            out[runtime] = {"dense_s": t["dense"], "slim_s": t["slim"], "speedup": t["dense"] / t["slim"]}
+    return out
+
+
+def deployment(result: dict[str, dict[str, float]]) -> str:
+    """The runtime in which the dense model is fastest (the baseline a deployment would pick)."""
+    return min(result, key=lambda r: result[r]["dense_s"])
+
+
+def report(label: str, flops_ratio: float, result: dict[str, dict[str, float]], batch: int) -> tuple[str, float]:
+    for runtime, r in result.items():
+        print(f"  {runtime:12s} images/s dense {batch / r['dense_s']:7.1f}  slim {batch / r['slim_s']:7.1f}  "
+              f"speedup {r['speedup']:.2f}x")
+    best = deployment(result)
+    speedup = result[best]["speedup"]
+    print(f"{label}: FLOPs ratio {flops_ratio:.3f} (FLOPs speedup {1 / flops_ratio:.2f}x); "
+          f"measured speedup {speedup:.2f}x in {best} (the faster runtime for dense); "
+          f"speedup / FLOPs speedup {speedup * flops_ratio:.2f}")
+    return best, speedup
+
+
+def run_single(dense: nn.Module, args: argparse.Namespace) -> None:
+    residual = args.residual_channels
+    sc = args.sparsity if args.sparsity is not None else (sc_for_flops(dense, 0.5, args, True) if residual else 0.4)
+    slim, ratio = slim_proxy(dense, sc, args, residual)
+    params = sum(p.numel() for p in slim.parameters()) / sum(p.numel() for p in dense.parameters())
+    variant = "prune-skip (residual_channels)" if residual else "plain Chase"
+    print(f"{args.arch} {args.size}px batch {args.batch}, {variant}, S_c {sc}, D {args.density}, beta {args.beta}, "
+          f"round_to {args.round_to}, threads {torch.get_num_threads()}; params ratio {params:.3f}")
+    result = measure(dense, slim, args, (args.batch, 3, args.size, args.size))
+    _, speedup = report(variant, ratio, result, args.batch)
+    if residual:
+        ok = speedup >= 1.5 and speedup >= 0.85 / ratio
+        print(f"goal (prune-skip at ~0.5x FLOPs: >= 1.5x and >= 0.85 of the FLOPs speedup {0.85 / ratio:.2f}x): "
+              f"{'met' if ok else 'MISSED'}")
+    else:
+        print(f"goal (plain Chase at S_c 0.4: >= 1.35x): {'met' if speedup >= 1.35 else 'MISSED'}")
+
+
+def run_sweep(dense: nn.Module, args: argparse.Namespace) -> None:
+    rows = []
+    for residual in (False, True):
+        for sc in args.sweep:
+            slim, ratio = slim_proxy(dense, sc, args, residual)
+            result = measure(dense, slim, args, (args.batch, 3, args.size, args.size))
+            row = {"variant": "prune-skip" if residual else "plain", "S_c": sc, "flops_ratio": round(ratio, 4)}
+            for runtime, r in result.items():
+                row[f"{runtime}_speedup"] = round(r["speedup"], 3)
+                row[f"{runtime}_dense_img_s"] = round(args.batch / r["dense_s"], 1)
+            rows.append(row)
+            print(json.dumps(row))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    header = "| variant | S_c | FLOPs ratio | " + " | ".join(f"{r} speedup" for r in args.runtime) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(args.runtime))]
+    lines += [f"| {r['variant']} | {r['S_c']} | {r['flops_ratio']:.3f} | "
+              + " | ".join(f"{r[f'{rt}_speedup']:.2f}x" for rt in args.runtime) + " |" for r in rows]
+    (args.out / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_sweep(rows, args)
+    print(f"wrote {args.out / 'sweep.csv'}, sweep.md, sweep.png")
+
+
+def plot_sweep(rows: list[dict], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant, color in (("plain", "tab:blue"), ("prune-skip", "tab:red")):
+        sel = [r for r in rows if r["variant"] == variant]
+        sc = [r["S_c"] for r in sel]
+        for runtime, style in zip(args.runtime, ("-o", "--s")):
+            ax_s.plot(sc, [r[f"{runtime}_speedup"] for r in sel], style, color=color, label=f"{variant}, {runtime}")
+        ax_s.plot(sc, [1 / r["flops_ratio"] for r in sel], ":", color=color, label=f"{variant}, FLOPs speedup")
+        ax_f.plot(sc, [r["flops_ratio"] for r in sel], "-o", color=color, label=variant)
+    ax_s.axhline(1.0, color="gray", lw=0.8)
+    ax_s.set(xlabel="channel sparsity S_c", ylabel="throughput ÷ dense throughput",
+             title=f"Chase speed, {args.arch} {args.size}px batch {args.batch}, CPU ({torch.get_num_threads()} threads)")
+    ax_f.set(xlabel="channel sparsity S_c", ylabel="FLOPs ÷ dense FLOPs", title="FLOPs of the slim model")
+    for ax in (ax_s, ax_f):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "sweep.png", dpi=120)
+
+
+def run_checkpoint(args: argparse.Namespace) -> None:
+    from lightning_sparse.models import ImageClassifier
+    from lightning_sparse.slim import channel_config
+
+    hp = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    dense = ImageClassifier(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"]).model.eval()
+    slim = ImageClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
+    if channel_config(slim) == channel_config(dense):
+        raise SystemExit(f"{args.checkpoint} holds a dense {hp['model_name']} (no channels were slimmed).")
+    size = args.checkpoint_size
+    x = torch.randn(1, hp["in_chans"], size, size)
+    ratio = count_flops(slim, x) / count_flops(dense, x)
+    params = sum(p.numel() for p in slim.parameters()) / sum(p.numel() for p in dense.parameters())
+    print(f"{args.checkpoint}: {hp['model_name']} {size}px batch {args.batch}, params ratio {params:.3f}")
+    report("trained Chase checkpoint", ratio, measure(dense, slim, args, (args.batch, hp["in_chans"], size, size)), args.batch)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--sparsity", type=float, default=0.4, help="S_c, final channel sparsity")
-    p.add_argument("--beta", type=float, default=0.2, help="minimum_ratio for the per-layer floor")
+    p.add_argument("--residual-channels", action="store_true", help="prune-skip: residual streams are candidates too")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="S_c (default: 0.4; with --residual-channels the S_c giving ~0.5x FLOPs)")
+    p.add_argument("--beta", type=float, default=0.2, help="minimum_ratio for the per-group floor")
     p.add_argument("--density", type=float, default=0.1, help="ERK mask density D")
     p.add_argument("--score", default="umm", choices=["umm", "maskwise"])
     p.add_argument("--schedule-steps", type=int, default=8)
     p.add_argument("--round-to", type=int, default=None)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--runtime", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--per-layer", action="store_true", help="also print per-conv times")
-    p.add_argument("--fuse-bn", action="store_true",
-                   help="fold eval BatchNorm into the convs (torch.fx) for both models, as deployment would")
+    p.add_argument("--sweep", type=float, nargs="+", help="S_c values: both variants, table + PNG in --out")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/chase_speed"))
+    p.add_argument("--checkpoint", type=Path, help="time a trained Chase checkpoint's slim model instead")
+    p.add_argument("--checkpoint-size", type=int, default=32, help="image size for --checkpoint")
     p.add_argument("--seed", type=int, default=17)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here.")
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        run_checkpoint(args)
+        return
     torch.manual_seed(args.seed)
-
     dense = timm.create_model(args.arch, pretrained=False, num_classes=1000).eval()
-    slim = copy.deepcopy(dense)
-    removed = chase_channels(slim, args)
-    check = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = slim(check)
-    slim_model(slim, removed, check[:1], round_to=args.round_to)
-    with torch.no_grad():
-        diff = (slim(check) - ref).abs().max().item()
-    print(f"slimming changed logits by at most {diff:.2e} (removed channels were zeroed first)")
-    rep = slim_report(dense, slim, (1, 3, args.size, args.size))
-    flops_ratio = rep["flops"]["ratio"]
-
-    if args.fuse_bn:
-        from torch.fx.experimental.optimization import fuse
-
-        dense, slim = fuse(dense), fuse(slim)
-    dtype = getattr(torch, args.dtype)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    models = {k: m.to(device=args.device, dtype=dtype, memory_format=fmt) for k, m in (("dense", dense), ("slim", slim))}
-    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=dtype).to(memory_format=fmt)
-    t = bench(models, x, args.reps, args.warmup, args.device)
-    speedup = t["dense"] / t["slim"]
-    flops_speedup = 1.0 / flops_ratio
-    print(f"\n{args.arch} {args.size}px batch {args.batch} {args.device} {args.dtype} "
-          f"channels_last={args.channels_last} fuse_bn={args.fuse_bn} round_to={args.round_to} threads={torch.get_num_threads()}")
-    print(f"params  dense {rep['params']['dense'] / 1e6:.2f}M  slim {rep['params']['slim'] / 1e6:.2f}M  "
-          f"ratio {rep['params']['ratio']:.3f}")
-    print(f"GFLOPs/img dense {rep['flops']['dense'] / 1e9:.2f}  slim {rep['flops']['slim'] / 1e9:.2f}")
-    print(f"images/s dense {args.batch / t['dense']:.1f}  slim {args.batch / t['slim']:.1f}  (medians of {args.reps})")
-    print(f"FLOPs ratio (slim/dense)          {flops_ratio:.3f}   (FLOPs speedup {flops_speedup:.2f}x)")
-    print(f"measured speedup                  {speedup:.2f}x")
-    print(f"speedup / FLOPs speedup           {speedup / flops_speedup:.2f}")
-    ok = speedup >= 1.4 and speedup >= 0.85 * flops_speedup
-    print(f"goal (>= 1.4x and >= 0.85 x FLOPs speedup): {'met' if ok else 'MISSED'}")
-    if args.per_layer or not ok:
-        per_layer(models, x)
+    if args.sweep:
+        run_sweep(dense, args)
+    else:
+        run_single(dense, args)
 
 
 if __name__ == "__main__":

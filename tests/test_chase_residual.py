@@ -187,3 +187,19 @@ def test_ddp_two_processes_make_identical_residual_choices(tmp_path):
 def test_residual_channels_must_be_a_bool():
     with pytest.raises(ValueError, match=r"residual_channels=.yes."):
         Chase(residual_channels="yes")
+
+
+def test_without_residual_streams_it_is_plain_chase(tmp_path):
+    """A VGG-like net has no residual sums: residual_channels=True trains exactly as plain Chase."""
+    from conftest import TinyNet
+
+    runs = []
+    for flag in (False, True):
+        pl.seed_everything(0)
+        model, chase = TinyNet(), Chase(**{**KW, "residual_channels": flag})
+        trainer(tmp_path / str(flag), 13, [chase], max_epochs=3).fit(model, fixed_loader())
+        runs.append((chase.removed, model.state_dict()))
+    (rem_a, sd_a), (rem_b, sd_b) = runs
+    assert rem_a == rem_b and any(rem_a.values())
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
