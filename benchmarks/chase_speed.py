@@ -149,6 +149,39 @@ def measure(dense: nn.Module, slim: nn.Module, args: argparse.Namespace, shape: 
     return out
 
 
+def per_layer(dense: nn.Module, slim: nn.Module, x: torch.Tensor, top: int = 10) -> None:
+    """Where the eager time goes (BN folded, channels_last): wall time per conv and the rest, dense vs slim."""
+    from lightning_sparse.export import fold_batchnorm
+
+    res: dict[str, dict[str, float]] = {}
+    x = x.to(memory_format=torch.channels_last)
+    for key, model in (("dense", dense), ("slim", slim)):
+        model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        starts: dict[str, float] = {}
+        acc: dict[str, float] = {}
+        hooks = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: starts.__setitem__(n, time.perf_counter())))
+                hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, n=name: acc.__setitem__(n, acc.get(n, 0.0) + time.perf_counter() - starts[n])))
+        with torch.inference_mode():
+            model(x)
+            acc.clear()
+            t0 = time.perf_counter()
+            model(x)
+            whole = time.perf_counter() - t0
+        for h in hooks:
+            h.remove()
+        res[key] = {**acc, "<all convs>": sum(acc.values()), "<rest: act, add, pool, fc>": whole - sum(acc.values()),
+                    "<whole forward>": whole}
+    d, s = res["dense"], res["slim"]
+    print(f"\nper-layer eager wall time (BN folded, channels_last), ms: dense / slim / slim÷dense (top {top} dense convs)")
+    convs = [n for n in d if not n.startswith("<")]
+    for n in sorted(convs, key=d.get, reverse=True)[:top] + [n for n in d if n.startswith("<")]:
+        print(f"  {n:28s} {d[n] * 1e3:9.2f} {s.get(n, 0.0) * 1e3:9.2f} {s.get(n, 0.0) / d[n]:6.2f}")
+
+
 def deployment(result: dict[str, dict[str, float]]) -> str:
     """The runtime in which the dense model is fastest (the baseline a deployment would pick)."""
     return min(result, key=lambda r: result[r]["dense_s"])
@@ -181,7 +214,10 @@ def run_single(dense: nn.Module, args: argparse.Namespace) -> None:
         print(f"goal (prune-skip at ~0.5x FLOPs: >= 1.5x and >= 0.85 of the FLOPs speedup {0.85 / ratio:.2f}x): "
               f"{'met' if ok else 'MISSED'}")
     else:
-        print(f"goal (plain Chase at S_c 0.4: >= 1.35x): {'met' if speedup >= 1.35 else 'MISSED'}")
+        ok = speedup >= 1.35
+        print(f"goal (plain Chase at S_c 0.4: >= 1.35x): {'met' if ok else 'MISSED'}")
+    if args.per_layer or not ok:
+        per_layer(dense, slim, torch.randn(args.batch, 3, args.size, args.size))
 
 
 def run_sweep(dense: nn.Module, args: argparse.Namespace) -> None:
@@ -269,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--runtime", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--per-layer", action="store_true", help="also print the per-conv profile (always when a goal is missed)")
     p.add_argument("--sweep", type=float, nargs="+", help="S_c values: both variants, table + PNG in --out")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/chase_speed"))
     p.add_argument("--checkpoint", type=Path, help="time a trained Chase checkpoint's slim model instead")

@@ -13,7 +13,7 @@ The header records the date, CPU model, cores, ``torch.get_num_threads()``, the 
 versions and the load average at the start (on a shared machine absolute times move; the ratios are the
 figures to read).
 
-``chase_checkpoint_speed.py`` needs a Chase checkpoint: ``--chase-checkpoint PATH``, else the newest
+``chase_checkpoint_speed`` (``chase_speed.py --checkpoint``) needs a Chase checkpoint: ``--chase-checkpoint PATH``, else the newest
 ``runs/**/*.ckpt`` that holds a slimmed Chase state; with none it is reported as skipped, with the command
 that makes one. A script found in ``benchmarks/`` that this file has no settings for runs with its defaults.
 """
@@ -59,8 +59,8 @@ BENCHES = [
     Bench("chase_speed", ["benchmarks/chase_speed.py"], [],
           ["--arch", "resnet18", "--size", "64", "--batch", "16", "--reps", "5", "--warmup", "1"],
           "dense vs Chase-slimmed timm ResNet: FLOPs ratio and measured speedup"),
-    Bench("chase_checkpoint_speed", ["benchmarks/chase_checkpoint_speed.py"], [],
-          ["--image-size", "16", "--batch", "32", "--reps", "5"],
+    Bench("chase_checkpoint_speed", ["benchmarks/chase_speed.py"], [],
+          ["--checkpoint-size", "16", "--batch", "32", "--reps", "5"],
           "a trained Chase checkpoint (slim) vs the same architecture dense"),
     Bench("semi_structured_2to4", ["-m", "lightning_sparse.benchmark"],
           ["--model", "vit_base_patch16_224", "--random-init", "--dtype", "float16", "bfloat16",
@@ -211,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         if b.name == "chase_checkpoint_speed":
             ckpt = args.chase_checkpoint or find_chase_checkpoint()
             if ckpt is None:
-                results.append((b, {"cmd": "python benchmarks/chase_checkpoint_speed.py CHECKPOINT", "rc": "skipped",
+                results.append((b, {"cmd": "python benchmarks/chase_speed.py --checkpoint CHECKPOINT", "rc": "skipped",
                                     "wall": 0.0, "lines": ["skipped: no Chase checkpoint given (--chase-checkpoint) "
                                                            "or found under runs/. Make one with:", CHASE_CKPT_HINT]}))
                 print(f"{b.name}: skipped (no checkpoint)", flush=True)
                 continue
-            extra = [str(ckpt), *extra]
+            extra = ["--checkpoint", str(ckpt), *extra]
         r = run_one(b, extra, timeout)
         print(f"{b.name}: exit {r['rc']} in {r['wall']:.0f} s", flush=True)
         for line in r["lines"]:

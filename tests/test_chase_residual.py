@@ -203,3 +203,20 @@ def test_without_residual_streams_it_is_plain_chase(tmp_path):
     assert rem_a == rem_b and any(rem_a.values())
     for k in sd_a:
         assert torch.equal(sd_a[k], sd_b[k]), k
+
+
+def test_resnet18_stream_with_the_dense_stem(tmp_path):
+    """resnet18's stem feeds stage 1 through identity shortcuts: the stream's group holds the dense stem conv,
+    which is scored with all its entries and slimmed with the stream."""
+    from lightning_sparse.models import ImageClassifier
+
+    pl.seed_everything(0)
+    model = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.05)
+    chase = Chase(**{**KW, "minimum_ratio": 0.2, "channel_sparsity": 0.6})
+    trainer(tmp_path, 7, [chase], max_epochs=3).fit(model, fixed_loader())  # one removal + slimming at step 6
+    stem = chase.groups["model.conv1"]
+    assert set(stem.producers) == {"model.conv1", "model.layer1.0.conv2", "model.layer1.1.conv2"}
+    assert "model.conv1.weight" not in chase.masks  # dense first layer, still a producer of the stream
+    m = model.model
+    assert m.conv1.out_channels == m.layer1[0].conv2.out_channels == m.layer1[1].conv2.out_channels == m.layer2[0].conv1.in_channels
+    assert sum(c.out_channels for c in (m.conv1, m.layer2[0].conv2, m.layer3[0].conv2, m.layer4[0].conv2)) < 64 + 128 + 256 + 512

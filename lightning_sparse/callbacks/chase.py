@@ -303,8 +303,8 @@ class Chase(pl.Callback):
     def _run_channel_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.schedule is not None
         s_t = self.schedule.channel_target(step)
-        masks, params = self.engine.enforced(), self.engine.params
-        scores = {k: group_channel_scores([params[w] for w in g.producer_weights],
+        masks, named = self.engine.enforced(), dict(pl_module.named_parameters())
+        scores = {k: group_channel_scores([named[w] for w in g.producer_weights],
                                           [masks.get(w) for w in g.producer_weights], self.score).cpu()
                   for k, g in self.groups.items()}
         active = {k: self.channels.active_flags(k, g.channels) for k, g in self.groups.items()}
@@ -315,7 +315,6 @@ class Chase(pl.Callback):
         # floors are in original channels; slimmed channels are already gone from `active`
         floors = {k: channel_floor(self.channels.start[k], self.channel_sparsity, self.minimum_ratio) for k in self.groups}
         chosen = select_channels_to_remove(scores, active, floors, n_remove)
-        named = dict(pl_module.named_parameters())
         for layer, idx in chosen.items():
             if idx.numel() == 0:
                 continue
