@@ -176,11 +176,11 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None, strict: bool = 
 
     Example:
         >>> import timm
-        >>> model = timm.create_model("resnet18", num_classes=10).eval()
+        >>> model = timm.create_model("resnet10t", num_classes=10).eval()
         >>> x = torch.randn(2, 3, 32, 32)
         >>> folded = fold_batchnorm(model, x)
-        >>> type(folded).__name__, type(folded.bn1).__name__, len(folded.folded_batchnorm.folds)
-        ('ResNet', 'Identity', 20)
+        >>> type(folded).__name__, type(folded.layer1[0].bn1).__name__, len(folded.folded_batchnorm.folds)
+        ('ResNet', 'Identity', 14)
         >>> bool((folded(x) - model(x)).abs().max() < 1e-4)
         True
     """

@@ -108,7 +108,7 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     bench = report.get("benchmark")
     if bench:
         lines += [
-            f"Measured on CPU, {bench['threads']} threads, medians of {bench['reps']} interleaved repetitions "
+            f"Measured on CPU (threads: {bench['threads']}), medians of {bench['reps']} interleaved repetitions "
             f"(warm-up {bench['warmup']}); latency at batch 1, throughput at batch {bench['batch_size']}; "
             "dense = the same timm architecture, dense, BatchNorm folded.",
             "",

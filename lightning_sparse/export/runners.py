@@ -86,11 +86,13 @@ def make_runner(
         >>> from lightning_sparse.semi_structured import interleaved_times
         >>> net = timm.create_model("resnet10t", num_classes=4, in_chans=1)
         >>> x = torch.randn(8, 1, 32, 32)
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     fns = [make_runner(net, x, "eager"), make_runner(net, x, "onnxruntime", d, threads=1)]
-        ...     eager, ort = interleaved_times(fns, warmup=1, runs=3, device="cpu")  # medians, ms per call
-        >>> ort.event_ms > 0
+        >>> fns = [make_runner(net, x, "eager", threads=1), make_runner(net, x[:1], "eager")]
+        >>> batch8, batch1 = interleaved_times(fns, warmup=1, runs=3, device="cpu")  # medians, ms per call
+        >>> batch8.host_ms > 0 and batch1.host_ms > 0
         True
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +SKIP
+        ...     ort = make_runner(net, x, "onnxruntime", d, threads=1)  # exports <d>/model.onnx
+        ...     eager_ms, ort_ms = interleaved_times([fns[0], ort], warmup=1, runs=3, device="cpu")
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} is not supported; choose one of {list(RUNTIMES)}.")
