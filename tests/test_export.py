@@ -162,6 +162,26 @@ def test_export_chase_then_nm24_via_cli(runs, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_export_chase_run_that_never_slimmed(tmp_path):
+    """slim="never" keeps removed channels as zeros during training; the export removes them."""
+    pl.seed_everything(0)
+    module = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
+                  stop_dst_epochs=1, update_interval=4, slim="never", input_shape=(1, SIZE, SIZE))
+    t = trainer(tmp_path, 9, [chase], max_epochs=3)
+    t.fit(module, fixed_loader(n=48, image_size=SIZE))
+    t.save_checkpoint(tmp_path / "never.ckpt")
+    out = export_checkpoint(str(tmp_path / "never.ckpt"), out=str(tmp_path / "d"), image_size=SIZE, no_bench=True)
+    x = _batch()
+    ref, dense_shaped = _lightning_logits(tmp_path / "never.ckpt", x)
+    graph = _check_onnx(out, ref, x)
+    removed = {k.removeprefix("model."): len(v) for k, v in chase.removed.items() if v}
+    assert removed
+    want = {n: m.out_channels - removed.get(n, 0) for n, m in dense_shaped.named_modules() if isinstance(m, nn.Conv2d)}
+    assert _conv_out_channels(graph) == want
+
+
+@pytest.mark.slow
 def test_export_report_times_dense_and_exported(slim_file, tmp_path):
     """With timing (and --overwrite of an existing folder): eager and onnxruntime rows, dense vs exported."""
     out = tmp_path / "d"

@@ -6,7 +6,8 @@ Accepted inputs:
   is rebuilt from the checkpoint's hyper-parameters (``model_name``, ``num_classes``, ``in_chans``,
   ``model_kwargs``), slimmed to the channel configuration the checkpoint holds (Chase), and loaded
   strictly. ``DynamicSparsity``/``Chase`` masks (callback state) are already applied to the stored
-  weights; that is checked, and a weight that is nonzero outside its mask is an error. ``NMSparsity``
+  weights; that is checked, and a weight that is nonzero outside its mask is an error. Channels a Chase
+  run zeroed but never slimmed (``slim="never"``) are removed here (logits checked unchanged). ``NMSparsity``
   keeps the dense weights and recomputes ``M(W)`` from them at every forward once its dense warm-up is
   over, so the same masks are recomputed here and written as exact zeros (``bake_nm`` on the callback's
   targets, ``n``, ``m`` and ``layout``);
@@ -28,7 +29,8 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config
+from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
+from lightning_sparse.sparsity.chase import ChannelBook
 from lightning_sparse.sparsity.nm import bake_nm
 
 __all__ = ["ExportSource", "load_source"]
@@ -147,6 +149,33 @@ def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
     return notes
 
 
+def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torch.Tensor) -> list[str]:
+    """Remove the channels a Chase run zeroed but never slimmed (``slim="never"``, or saved before ``"end"``).
+
+    Only when the run slimmed nothing: a run that slimmed during training keeps the channel counts it
+    chose (its ``round_to`` may have kept some zeroed channels on purpose).
+    """
+    notes = []
+    for key, cb in (payload.get("callbacks") or {}).items():
+        if not key.startswith("Chase") or not isinstance(cb, Mapping) or any((cb.get("slimmed") or {}).values()):
+            continue
+        book = ChannelBook()
+        book.load_state_dict(cb)
+        todo = {k[len(_PREFIX):]: v for k, v in book.pending_slim().items() if k.startswith(_PREFIX) and v}
+        if not todo:
+            continue
+        with torch.no_grad():
+            before = model.eval()(x)
+            slim_model(model, todo, x[:1])
+            diff = (model(x) - before).abs().max().item()
+        if diff > 1e-4 * max(1.0, before.abs().max().item()):
+            raise ValueError(f"callback {key}: removing its zeroed channels changed the logits by {diff:.3g}; "
+                             "the removed channels are not all zero in the stored weights.")
+        notes.append(f"{key.split('{')[0]}: {sum(map(len, todo.values()))} zeroed channels of {len(todo)} convs "
+                     "removed (the run kept them as zeros).")
+    return notes
+
+
 def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
     """Bake the N:M masks the forward used (after the dense warm-up), from the callback state."""
     nm, notes = {}, []
@@ -186,6 +215,7 @@ def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None)
     except RuntimeError as err:
         raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {arch!r}: {err}") from None
     notes = _check_masks(payload, state)
+    notes += _slim_removed_channels(model, payload, torch.randn(2, in_chans, size, size))
     nm, nm_notes = _bake_nm(model, payload)
     return ExportSource(model.eval(), arch, num_classes, in_chans, size, model_kwargs, "lightning checkpoint",
                         nm, notes + nm_notes)
