@@ -51,10 +51,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("runs")
     pl.seed_everything(0)
     stage1 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
-    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
-                  stop_dst_epochs=1, update_interval=4, round_to=4, input_shape=(1, SIZE, SIZE))
-    t = trainer(tmp, 9, [chase], max_epochs=3)
-    t.fit(stage1, fixed_loader(n=48, image_size=SIZE))
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=1,
+                  stop_dst_epochs=1, update_interval=2, round_to=4, input_shape=(1, SIZE, SIZE))
+    t = trainer(tmp, 4, [chase], max_epochs=2)
+    t.fit(stage1, fixed_loader(n=32, image_size=SIZE))
     assert chase.slimmed and chase.arch is not None
     t.save_checkpoint(tmp / "chase.ckpt")
     stage2 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.02, checkpoint_path=str(tmp / "chase.ckpt"))

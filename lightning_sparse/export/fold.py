@@ -22,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_sparse.slim._graph import default_inputs
+from lightning_sparse.slim._graph import default_inputs, eval_mode
 
 __all__ = ["BatchNormFolds", "CannotFoldError", "batchnorm_folds", "fold_batchnorm"]
 
@@ -67,7 +67,7 @@ def batchnorm_folds(model: nn.Module, example_inputs: Any = None) -> BatchNormFo
     """Which ``BatchNorm2d`` of ``model`` fold into which ``Conv2d`` (one eval forward on ``example_inputs``).
 
     Args:
-        model: any module (not modified; the analysis runs on a copy in eval mode).
+        model: any module (not modified; the analysis forward runs in eval mode, flags restored after).
         example_inputs: a batch (or tuple of positional inputs); default ``randn(1, in_chans, 64, 64)``.
 
     Returns:
@@ -80,7 +80,6 @@ def batchnorm_folds(model: nn.Module, example_inputs: Any = None) -> BatchNormFo
         >>> r.folds, r.unfoldable
         ({'1': '0'}, {'3': 'its input is not the output of a Conv2d'})
     """
-    model = copy.deepcopy(model).eval()
     inputs = _as_inputs(default_inputs(model) if example_inputs is None else example_inputs)
     names = {m: n for n, m in model.named_modules()}
     conv_out: dict[int, str] = {}  # id(output tensor) -> conv name
@@ -108,7 +107,7 @@ def batchnorm_folds(model: nn.Module, example_inputs: Any = None) -> BatchNormFo
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(before_bn))
     try:
-        with torch.no_grad(), mode:
+        with torch.no_grad(), eval_mode(model), mode:
             model(*inputs)
     finally:
         for h in hooks:
