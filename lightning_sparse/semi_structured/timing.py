@@ -9,10 +9,14 @@ runs the call, records an end event. Two figures per call:
 When ``host_ms`` is close to ``event_ms`` the GPU spent the call waiting for the host: the row measures
 host overhead, not the kernel (:data:`HOST_BOUND_FRACTION`). Replaying a CUDA graph (:func:`cuda_graph`)
 removes the host from the measurement: one launch replays every kernel.
+
+On a CPU device (:func:`interleaved_times` with ``device="cpu"``) a call is synchronous: both figures are
+its wall time (``time.perf_counter``), so ``host_bound`` carries no information there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,32 +49,53 @@ def interleaved_times(
     """Median CUDA-event and host times per call of each ``fn``, the functions interleaved run by run.
 
     ``warmup`` untimed rounds first; then ``runs`` rounds, each calling every function once (the order
-    rotates every round so none always runs first). Events are recorded on ``device``'s current stream.
+    rotates every round so none always runs first). On CUDA, events are recorded on ``device``'s current
+    stream; on CPU both figures are the wall time of the call.
+
+    Example:
+        >>> t = interleaved_times([lambda: sum(range(1000)), lambda: sum(range(10))], 1, 3, "cpu")
+        >>> t[0].event_ms == t[0].host_ms and t[0].event_ms > 0
+        True
     """
     if runs < 1:
         raise ValueError(f"`runs` must be >= 1, got runs={runs!r}.")
+    if warmup < 0:
+        raise ValueError(f"`warmup` must be >= 0, got warmup={warmup!r}.")
     device = torch.device(device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device)
+    cuda = device.type == "cuda"
+    if not cuda and device.type != "cpu":
+        raise ValueError(f"interleaved_times times 'cuda' or 'cpu' devices, got device={str(device)!r}.")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        stream = torch.cuda.current_stream(device) if cuda else None
         for _ in range(warmup):
             for fn in fns:
                 fn()
-        torch.cuda.synchronize(device)
+        sync()
         events: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = [[] for _ in fns]
         host: list[list[float]] = [[] for _ in fns]
         k = len(fns)
         for r in range(runs):
             for j in range(k):
                 i = (j + r) % k
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                sync()
                 t0 = time.perf_counter()
-                start.record(stream)
+                if cuda:
+                    start.record(stream)
                 fns[i]()
-                end.record(stream)
+                if cuda:
+                    end.record(stream)
+                    events[i].append((start, end))
                 host[i].append((time.perf_counter() - t0) * 1e3)
-                events[i].append((start, end))
-        torch.cuda.synchronize(device)
+        sync()
+    if not cuda:
+        return [Timing(statistics.median(h), statistics.median(h)) for h in host]
     return [
         Timing(statistics.median(s.elapsed_time(e) for s, e in ev), statistics.median(h))
         for ev, h in zip(events, host)

@@ -1,0 +1,51 @@
+"""Export a run for deployment: slim timm network, N:M masks baked, BatchNorm folded, ONNX, timed.
+
+    python -m lightning_sparse.export runs/quickstart_chase/version_0/checkpoints/last.ckpt --out deploy
+
+writes ``deploy/model.pt`` (slim export: loads with torch + timm, see :data:`LOAD_SNIPPET`),
+``deploy/model.onnx`` (BatchNorm folded, checked with ``onnx.checker`` and against PyTorch in
+onnxruntime) and ``deploy/report.md`` / ``report.json`` (params, FLOPs, measured speed of dense vs
+exported in PyTorch eager and onnxruntime). See :func:`export_checkpoint`.
+
+One concept per file; every public name is re-exported here:
+
+* ``load.py`` — :func:`load_source`: the network a checkpoint's forward used (slim shapes, N:M baked).
+* ``fold.py`` — :func:`fold_batchnorm`, :func:`batchnorm_folds`: BatchNorm into the preceding convs.
+* ``onnx_export.py`` — :func:`export_onnx` (checker + onnxruntime parity), :func:`onnx_parity`, :func:`ort_session`.
+* ``runners.py`` — :func:`make_runner`: a zero-argument callable running one batch in ``"eager"`` or
+  ``"onnxruntime"``, for :func:`lightning_sparse.semi_structured.interleaved_times` (``device="cpu"``).
+* ``report.py`` — :func:`model_costs`, :func:`write_report`, :data:`LOAD_SNIPPET`.
+* ``exporter.py`` — :func:`export_checkpoint`, the command's function.
+
+``onnx``, ``onnxruntime`` and ``onnxscript`` are imported only when an ONNX file is written or run.
+"""
+
+from lightning_sparse.export.exporter import export_checkpoint
+from lightning_sparse.export.fold import BatchNormFolds, CannotFoldError, batchnorm_folds, fold_batchnorm
+from lightning_sparse.export.load import ExportSource, load_source
+from lightning_sparse.export.onnx_export import PARITY_ATOL, ParityError, export_onnx, onnx_parity, ort_session
+from lightning_sparse.export.report import LOAD_SNIPPET, model_costs, write_report
+from lightning_sparse.export.runners import RUNTIMES, Runtime, eager_runner, make_runner, onnxruntime_runner
+
+__all__ = [
+    "BatchNormFolds",
+    "CannotFoldError",
+    "ExportSource",
+    "LOAD_SNIPPET",
+    "PARITY_ATOL",
+    "ParityError",
+    "RUNTIMES",
+    "Runtime",
+    "batchnorm_folds",
+    "eager_runner",
+    "export_checkpoint",
+    "export_onnx",
+    "fold_batchnorm",
+    "load_source",
+    "make_runner",
+    "model_costs",
+    "onnx_parity",
+    "onnxruntime_runner",
+    "ort_session",
+    "write_report",
+]

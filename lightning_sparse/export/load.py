@@ -1,0 +1,246 @@
+"""Read what a run trained into the network its forward used: slim shapes, weights, N:M masks baked in.
+
+Accepted inputs:
+
+* a Lightning checkpoint of an :class:`~lightning_sparse.models.ImageClassifier` run: the timm backbone
+  is rebuilt from the checkpoint's hyper-parameters (``model_name``, ``num_classes``, ``in_chans``,
+  ``model_kwargs``), slimmed to the channel configuration the checkpoint holds (Chase), and loaded
+  strictly. ``DynamicSparsity``/``Chase`` masks (callback state) are already applied to the stored
+  weights; that is checked, and a weight that is nonzero outside its mask is an error. Channels a Chase
+  run zeroed but never slimmed (``slim="never"``) are removed here (logits checked unchanged). ``NMSparsity``
+  keeps the dense weights and recomputes ``M(W)`` from them at every forward once its dense warm-up is
+  over, so the same masks are recomputed here and written as exact zeros (``bake_nm`` on the callback's
+  targets, ``n``, ``m`` and ``layout``);
+* a slim export file (:func:`~lightning_sparse.slim.export_slim`), loaded with
+  :func:`~lightning_sparse.slim.load_slim` (its weights are used as they are).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from torch import nn
+
+from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
+from lightning_sparse.sparsity.chase import ChannelBook
+from lightning_sparse.sparsity.nm import bake_nm
+
+__all__ = ["ExportSource", "load_source"]
+
+_PREFIX = "model."  # the timm backbone inside ImageClassifier
+
+
+@dataclass
+class ExportSource:
+    """A run's deployable network (eval mode) and what is known about it."""
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    model_kwargs: dict[str, Any]
+    kind: str  # "lightning checkpoint" | "slim export"
+    nm: dict[str, str] = field(default_factory=dict)  # baked parameter name -> "n:m"
+    notes: list[str] = field(default_factory=list)
+
+    def dense(self) -> nn.Module:
+        """A dense model of the same timm architecture (random weights, eval mode)."""
+        return timm.create_model(
+            self.arch, pretrained=False, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
+        ).eval()
+
+    def example_inputs(self, batch_size: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=g)
+
+
+def _not_a_checkpoint(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"checkpoint={str(path)!r} {why}; expected a Lightning checkpoint of an ImageClassifier run "
+        f"or a slim export file ({SLIM_FORMAT!r})."
+    )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise _not_a_checkpoint(path, "does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a checkpoint holding other Python objects: load it fully
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise _not_a_checkpoint(path, f"is not a readable torch file ({type(err).__name__})") from None
+    if not isinstance(payload, dict):
+        raise _not_a_checkpoint(path, f"holds a {type(payload).__name__}")
+    return payload
+
+
+def _config_image_size(path: Path) -> int | None:
+    """``data.init_args.image_size`` (or the DataModule's default) of the run's ``config.yaml``, if any."""
+    for folder in (path.parent, path.parent.parent):
+        cfg_path = folder / "config.yaml"
+        if not cfg_path.is_file():
+            continue
+        data = (yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}
+        size = (data.get("init_args") or {}).get("image_size")
+        if size is None and data.get("class_path"):
+            module, _, name = data["class_path"].rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                return None
+            param = inspect.signature(cls.__init__).parameters.get("image_size")
+            size = getattr(cls, "image_size", None) if param is None else param.default
+        return size if isinstance(size, int) else None
+    return None
+
+
+def _image_size(path: Path, payload: Mapping[str, Any], override: int | None) -> int:
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, int) or override < 1:
+            raise ValueError(f"image_size must be a positive int, got image_size={override!r}.")
+        return override
+    found = [
+        (payload.get("datamodule_hyper_parameters") or {}).get("image_size"),
+        (payload.get("meta") or {}).get("image_size"),
+        payload["example_inputs"].shape[-1] if torch.is_tensor(payload.get("example_inputs")) else None,
+        _config_image_size(path),
+    ]
+    size = next((int(s) for s in found if isinstance(s, int)), None)
+    if size is None:
+        raise ValueError(
+            f"cannot tell the input size of {str(path)!r}: no datamodule hyper-parameters, no image_size in its "
+            "meta and no config.yaml next to it. Pass --image_size."
+        )
+    return size
+
+
+def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Check that every unstructured/channel mask in callback state is applied to the stored weights."""
+    notes = []
+    for key, cb in (payload.get("callbacks") or {}).items():
+        if not isinstance(cb, Mapping) or not isinstance(cb.get("masks"), Mapping):
+            continue
+        bad = {}
+        for table in ("masks", "allowed"):
+            for name, mask in (cb.get(table) or {}).items():
+                w = state.get(name)
+                if w is None or tuple(w.shape) != tuple(mask.shape):
+                    raise ValueError(
+                        f"the {table!r} of callback {key} do not fit the stored weights at {name!r} "
+                        f"(mask {tuple(mask.shape)}, weight {None if w is None else tuple(w.shape)})."
+                    )
+                outside = int(torch.count_nonzero(w[~mask.bool()]))
+                if outside:
+                    bad[name] = bad.get(name, 0) + outside
+        if bad:
+            raise ValueError(f"weights are nonzero outside the masks of callback {key}: {bad}; the checkpoint is inconsistent.")
+        notes.append(f"{key.split('{')[0]}: masks of {len(cb['masks'])} weights checked, applied to the stored weights.")
+    return notes
+
+
+def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torch.Tensor) -> list[str]:
+    """Remove the channels a Chase run zeroed but never slimmed (``slim="never"``, or saved before ``"end"``).
+
+    Only when the run slimmed nothing: a run that slimmed during training keeps the channel counts it
+    chose (its ``round_to`` may have kept some zeroed channels on purpose).
+    """
+    notes = []
+    for key, cb in (payload.get("callbacks") or {}).items():
+        if not key.startswith("Chase") or not isinstance(cb, Mapping) or any((cb.get("slimmed") or {}).values()):
+            continue
+        book = ChannelBook()
+        book.load_state_dict(cb)
+        todo = {k[len(_PREFIX):]: v for k, v in book.pending_slim().items() if k.startswith(_PREFIX) and v}
+        if not todo:
+            continue
+        with torch.no_grad():
+            before = model.eval()(x)
+            slim_model(model, todo, x[:1])
+            diff = (model(x) - before).abs().max().item()
+        if diff > 1e-4 * max(1.0, before.abs().max().item()):
+            raise ValueError(f"callback {key}: removing its zeroed channels changed the logits by {diff:.3g}; "
+                             "the removed channels are not all zero in the stored weights.")
+        notes.append(f"{key.split('{')[0]}: {sum(map(len, todo.values()))} zeroed channels of {len(todo)} convs "
+                     "removed (the run kept them as zeros).")
+    return notes
+
+
+def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """Bake the N:M masks the forward used (after the dense warm-up), from the callback state."""
+    nm, notes = {}, []
+    step = int(payload.get("global_step", 0))
+    for key, cb in (payload.get("callbacks") or {}).items():
+        if not key.startswith("NMSparsity") or not isinstance(cb, Mapping):
+            continue
+        n, m, layout = int(cb["n"]), int(cb["m"]), str(cb.get("layout", "input_channels"))
+        warmup = int(cb.get("dense_warmup_steps", 0))
+        names = [t[len(_PREFIX):] for t in cb.get("targets") or [] if t.startswith(_PREFIX)]
+        if not names:
+            raise ValueError(f"callback {key} lists no target weights of the backbone; cannot bake its masks.")
+        if step < warmup:
+            notes.append(f"{key}: checkpoint at step {step}, before dense_warmup_steps={warmup}: "
+                         "the forward was dense, weights exported without N:M masks.")
+            continue
+        for name in bake_nm(model, n, m, layout, names=names):
+            nm[name] = f"{n}:{m}"
+        notes.append(f"{key}: {n}:{m} masks ({layout}) recomputed from the dense weights and baked into {len(names)} weights.")
+    return nm, notes
+
+
+def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None) -> ExportSource:
+    hp = payload.get("hyper_parameters") or {}
+    missing = [k for k in ("model_name", "num_classes", "in_chans") if k not in hp]
+    if missing:
+        raise _not_a_checkpoint(path, f"has no ImageClassifier hyper-parameters {missing}")
+    arch, num_classes, in_chans = str(hp["model_name"]), int(hp["num_classes"]), int(hp["in_chans"])
+    model_kwargs = dict(hp.get("model_kwargs") or {})
+    size = _image_size(path, payload, image_size)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    restore_channel_config(model, payload, torch.randn(1, in_chans, size, size), prefix=_PREFIX)
+    state = payload["state_dict"]
+    weights = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {arch!r}: {err}") from None
+    notes = _check_masks(payload, state)
+    notes += _slim_removed_channels(model, payload, torch.randn(2, in_chans, size, size))
+    nm, nm_notes = _bake_nm(model, payload)
+    return ExportSource(model.eval(), arch, num_classes, in_chans, size, model_kwargs, "lightning checkpoint",
+                        nm, notes + nm_notes)
+
+
+def load_source(path: str | Path, image_size: int | None = None) -> ExportSource:
+    """The deployable network of a Lightning checkpoint or a slim export file (see the module docstring).
+
+    Args:
+        path: the checkpoint or slim export file.
+        image_size: input height/width; default: the checkpoint's datamodule hyper-parameters, the slim
+            export's stored example, or the run's ``config.yaml`` (``data.init_args.image_size``).
+
+    Raises:
+        ValueError: a missing or unreadable file, a file that is neither kind, weights that do not fit,
+            masks that are not applied, or an unknown input size.
+    """
+    path = Path(path)
+    payload = _read(path)
+    if payload.get("format") == SLIM_FORMAT:
+        size = _image_size(path, payload, image_size)
+        model = load_slim(path, verify=True)
+        return ExportSource(model.eval(), payload["arch"], int(payload["num_classes"]), int(payload["in_chans"]),
+                            size, dict(payload.get("model_kwargs") or {}), "slim export",
+                            notes=["slim export: weights used as stored."])
+    if "state_dict" in payload and "hyper_parameters" in payload:
+        return _from_lightning(path, payload, image_size)
+    raise _not_a_checkpoint(path, "is a torch file but neither a Lightning checkpoint nor a slim export")

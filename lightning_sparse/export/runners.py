@@ -1,0 +1,106 @@
+"""Zero-argument callables that run one batch of a model in a deployment runtime, for timing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_sparse.export.fold import fold_batchnorm
+from lightning_sparse.export.onnx_export import export_onnx, ort_session
+
+__all__ = ["RUNTIMES", "Runtime", "make_runner", "eager_runner", "onnxruntime_runner"]
+
+Runtime = Literal["eager", "onnxruntime"]
+RUNTIMES = ("eager", "onnxruntime")
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got threads={threads!r}.")
+
+
+def eager_runner(folded: nn.Module, example_inputs: torch.Tensor, threads: int | None = None) -> Callable[[], Any]:
+    """One batch through an already BN-folded eval model in PyTorch eager, channels_last, ``inference_mode``."""
+    _check_threads(threads)
+    model = folded.eval().to(memory_format=torch.channels_last)
+    x = example_inputs.detach().to(memory_format=torch.channels_last)
+
+    def run() -> Any:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def onnxruntime_runner(onnx_path: str | Path, example_inputs: torch.Tensor, threads: int | None = None) -> Callable[[], Any]:
+    """One batch through an ONNX file in an onnxruntime CPU session (``threads`` intra-op threads)."""
+    _check_threads(threads)
+    session = ort_session(onnx_path, threads)
+    feed = {session.get_inputs()[0].name: example_inputs.detach().cpu().float().contiguous().numpy()}
+
+    def run() -> Any:
+        return session.run(None, feed)
+
+    return run
+
+
+def make_runner(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    runtime: Runtime,
+    workdir: str | Path | None = None,
+    threads: int | None = None,
+) -> Callable[[], Any]:
+    """A zero-argument callable that runs ``model`` on ``example_inputs`` once in ``runtime``.
+
+    Both runtimes run the eval model with BatchNorm folded into the convs (:func:`fold_batchnorm`, with
+    ``strict=False``: a BatchNorm that cannot fold stays). ``model`` itself is not changed.
+
+    * ``"eager"``: PyTorch, weights and input in ``channels_last``, under ``torch.inference_mode``;
+      ``threads`` sets ``torch.set_num_threads`` before each call.
+    * ``"onnxruntime"``: the folded model is exported to ``<workdir>/model.onnx``
+      (:func:`export_onnx`, parity-checked against PyTorch) and run in an onnxruntime CPU session with
+      ``threads`` intra-op threads (default: onnxruntime's).
+
+    Args:
+        model: an image model (e.g. a timm model, dense or slim).
+        example_inputs: the batch every call runs (its batch size is the one timed).
+        runtime: ``"eager"`` or ``"onnxruntime"``.
+        workdir: folder for the ONNX file (needed for ``"onnxruntime"``).
+        threads: CPU threads for the runtime.
+
+    Returns:
+        ``run()`` -> the runtime's outputs (a tensor for eager, a list of arrays for onnxruntime).
+
+    Raises:
+        ValueError: an unknown ``runtime``, ``"onnxruntime"`` without ``workdir``, or bad ``threads``.
+
+    Example:
+        >>> import tempfile, timm
+        >>> from lightning_sparse.semi_structured import interleaved_times
+        >>> net = timm.create_model("resnet10t", num_classes=4, in_chans=1)
+        >>> x = torch.randn(8, 1, 32, 32)
+        >>> fns = [make_runner(net, x, "eager", threads=1), make_runner(net, x[:1], "eager")]
+        >>> batch8, batch1 = interleaved_times(fns, warmup=1, runs=3, device="cpu")  # medians, ms per call
+        >>> batch8.host_ms > 0 and batch1.host_ms > 0
+        True
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +SKIP
+        ...     ort = make_runner(net, x, "onnxruntime", d, threads=1)  # exports <d>/model.onnx
+        ...     eager_ms, ort_ms = interleaved_times([fns[0], ort], warmup=1, runs=3, device="cpu")
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not supported; choose one of {list(RUNTIMES)}.")
+    _check_threads(threads)
+    if runtime == "onnxruntime" and workdir is None:
+        raise ValueError("runtime='onnxruntime' needs a workdir for the ONNX file, got workdir=None.")
+    folded = fold_batchnorm(model, example_inputs[:1], strict=False)
+    if runtime == "eager":
+        return eager_runner(folded, example_inputs, threads)
+    path = export_onnx(folded, example_inputs, Path(workdir) / "model.onnx")  # type: ignore[arg-type]
+    return onnxruntime_runner(path, example_inputs, threads)

@@ -1,0 +1,355 @@
+"""Export for deployment: tiny real Chase and Chase->2:4 runs exported to model.pt / model.onnx / report.
+
+Every check compares with something computed independently of the exporter: the Lightning loader
+(``ImageClassifier.load_from_checkpoint``), the N:M callback's own masked forward, the ONNX file read back
+with ``onnx.numpy_helper``, and onnxruntime run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+from torch import nn
+
+from helpers.training import fixed_loader, trainer
+from lightning_sparse.callbacks import Chase, NMSparsity
+from lightning_sparse.export import (
+    LOAD_SNIPPET,
+    CannotFoldError,
+    ParityError,
+    export_checkpoint,
+    fold_batchnorm,
+    make_runner,
+)
+from lightning_sparse.export.__main__ import main
+from lightning_sparse.models import ImageClassifier
+from lightning_sparse.slim import export_slim
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16
+ARCH = "resnet10t"
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """(a) Chase that slimmed channels; (b) Chase -> 2:4 SR-STE fine-tune of that checkpoint."""
+    tmp = tmp_path_factory.mktemp("runs")
+    pl.seed_everything(0)
+    stage1 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=1,
+                  stop_dst_epochs=1, update_interval=2, round_to=4, input_shape=(1, SIZE, SIZE))
+    t = trainer(tmp, 4, [chase], max_epochs=2)
+    t.fit(stage1, fixed_loader(n=32, image_size=SIZE))
+    assert chase.slimmed and chase.arch is not None
+    t.save_checkpoint(tmp / "chase.ckpt")
+    stage2 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.02, checkpoint_path=str(tmp / "chase.ckpt"))
+    t2 = trainer(tmp / "nm", 2, [NMSparsity(n=2, m=4)])
+    t2.fit(stage2, fixed_loader(n=32, image_size=SIZE))
+    t2.save_checkpoint(tmp / "chase_nm24.ckpt")
+    return {"chase": tmp / "chase.ckpt", "nm": tmp / "chase_nm24.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def slim_file(tmp_path_factory) -> Path:
+    """A slim export file of a small untrained network (no training): for the cheap export checks."""
+    torch.manual_seed(0)
+    model = _randomise_bn(timm.create_model(ARCH, num_classes=10, in_chans=1))
+    return export_slim(model, tmp_path_factory.mktemp("slim") / "slim.pt", example_inputs=_batch(2))
+
+
+def _batch(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(123))
+
+
+def _ort_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _lightning_logits(ckpt: Path, x: torch.Tensor, nm: NMSparsity | None = None) -> tuple[torch.Tensor, nn.Module]:
+    """Logits of the checkpoint loaded by Lightning; with ``nm``, through the N:M callback's masked forward."""
+    module = ImageClassifier.load_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        if nm is None:
+            return module(x), module.model
+        with nm.masked(module):
+            return module(x), module.model
+
+
+def _check_onnx(out: Path, reference: torch.Tensor, x: torch.Tensor) -> onnx.ModelProto:
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    diff = (_ort_logits(out / "model.onnx", x) - reference).abs().max().item()
+    assert diff <= 1e-3, diff
+    return model
+
+
+def _conv_out_channels(model: onnx.ModelProto) -> dict[str, int]:
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    return {n.input[1].removesuffix(".weight"): inits[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"}
+
+
+def _load_with_snippet(path: Path) -> nn.Module:
+    scope: dict = {}
+    exec(LOAD_SNIPPET.replace("export/model.pt", str(path)), scope)  # noqa: S102 - the documented snippet
+    return scope["model"]
+
+
+# --------------------------------------------------------------------------------------------- exports
+def test_export_chase_slim_checkpoint(runs, tmp_path):
+    out = export_checkpoint(str(runs["chase"]), out=str(tmp_path / "deploy"), image_size=SIZE, no_bench=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    x = _batch()
+    ref, slim = _lightning_logits(runs["chase"], x)
+    graph = _check_onnx(out, ref, x)
+    # conv out channels in the ONNX graph are the slimmed model's, and the run really slimmed
+    want = {n: m.out_channels for n, m in slim.named_modules() if isinstance(m, nn.Conv2d)}
+    assert _conv_out_channels(graph) == want
+    dense = timm.create_model(ARCH, num_classes=10, in_chans=1)
+    assert sum(want.values()) < sum(m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d))
+    # BatchNorm is folded: no BatchNormalization node is left
+    assert not [n for n in graph.graph.node if n.op_type == "BatchNormalization"]
+    # model.pt loads with the documented torch + timm snippet and gives the same logits
+    loaded = _load_with_snippet(out / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, atol=1e-5, rtol=0)
+    report = json.loads((out / "report.json").read_text())
+    stored = sum(p.numel() for p in slim.parameters())
+    assert report["costs"]["exported"]["params"] == stored
+    assert report["costs"]["dense"]["params"] == sum(p.numel() for p in dense.parameters())
+    assert report["costs"]["exported"]["nonzero_params"] == sum(int(p.count_nonzero()) for p in slim.parameters())
+    assert "Timing skipped" in (out / "report.md").read_text()
+
+
+
+def test_export_chase_then_nm24_via_cli(runs, tmp_path, capsys):
+    out = tmp_path / "deploy"
+    main([str(runs["nm"]), "--out", str(out), "--image-size", str(SIZE), "--no-bench"])
+    assert "model.onnx" in capsys.readouterr().out
+    state = torch.load(runs["nm"], map_location="cpu", weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith("NMSparsity")]
+    targets = [t.removeprefix("model.") for t in state["callbacks"][key]["targets"]]
+    assert len(targets) > 5
+    x = _batch()
+    ref, _ = _lightning_logits(runs["nm"], x, nm=NMSparsity(n=2, m=4))
+    graph = _check_onnx(out, ref, x)
+    # read the ONNX weights back: every group of 4 input channels holds <= 2 nonzeros
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    dense_params = dict(timm.create_model(ARCH, num_classes=10, in_chans=1).named_parameters())
+    for name in targets:
+        w = inits[name]
+        assert w.ndim == dense_params[name].ndim
+        grouped = np.moveaxis(w, 1, -1).reshape(-1, 4)  # (out, [kh, kw,] in) -> groups of 4 input channels
+        assert (np.count_nonzero(grouped, axis=1) <= 2).all(), name
+        assert np.count_nonzero(w) <= w.size // 2
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["source"]["nm"]) == sorted(targets)
+
+
+@pytest.mark.slow
+def test_export_chase_run_that_never_slimmed(tmp_path):
+    """slim="never" keeps removed channels as zeros during training; the export removes them."""
+    pl.seed_everything(0)
+    module = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
+                  stop_dst_epochs=1, update_interval=4, slim="never", input_shape=(1, SIZE, SIZE))
+    t = trainer(tmp_path, 9, [chase], max_epochs=3)
+    t.fit(module, fixed_loader(n=48, image_size=SIZE))
+    t.save_checkpoint(tmp_path / "never.ckpt")
+    out = export_checkpoint(str(tmp_path / "never.ckpt"), out=str(tmp_path / "d"), image_size=SIZE, no_bench=True)
+    x = _batch()
+    ref, dense_shaped = _lightning_logits(tmp_path / "never.ckpt", x)
+    graph = _check_onnx(out, ref, x)
+    removed = {k.removeprefix("model."): len(v) for k, v in chase.removed.items() if v}
+    assert removed
+    want = {n: m.out_channels - removed.get(n, 0) for n, m in dense_shaped.named_modules() if isinstance(m, nn.Conv2d)}
+    assert _conv_out_channels(graph) == want
+
+
+@pytest.mark.slow
+def test_export_report_times_dense_and_exported(slim_file, tmp_path):
+    """With timing (and --overwrite of an existing folder): eager and onnxruntime rows, dense vs exported."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    main([str(slim_file), "--out", str(out), "--batch-size", "4", "--reps", "2", "--warmup", "0", "--threads", "1",
+          "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+    bench = json.loads((out / "report.json").read_text())["benchmark"]
+    rows = {(r["runtime"], r["model"]): r for r in bench["rows"]}
+    assert sorted(rows) == [("eager", "dense"), ("eager", "exported"), ("onnxruntime", "dense"),
+                            ("onnxruntime", "exported")]
+    for runtime in ("eager", "onnxruntime"):
+        d, e = rows[(runtime, "dense")], rows[(runtime, "exported")]
+        assert e["throughput"] == pytest.approx(4e3 / bench["median_ms"][f"{runtime}/exported/batch4"])
+        assert e["throughput_speedup"] == pytest.approx(e["throughput"] / d["throughput"])
+        assert e["latency_speedup"] == pytest.approx(d["latency_ms"] / e["latency_ms"])
+    assert "| onnxruntime | exported |" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def test_export_bad_inputs(runs, slim_file, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        export_checkpoint(str(tmp_path / "missing.ckpt"), out=str(tmp_path / "o1"))
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        export_checkpoint(str(text), out=str(tmp_path / "o2"))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, other)
+    with pytest.raises(ValueError, match="neither a Lightning checkpoint nor a slim export"):
+        export_checkpoint(str(other), out=str(tmp_path / "o3"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
+        export_checkpoint(str(slim_file), out=str(busy), no_bench=True)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        export_checkpoint(str(slim_file), out=str(tmp_path / "o4"), batch_size=0)
+    with pytest.raises(ValueError, match="cannot tell the input size"):  # a bare checkpoint: no config.yaml
+        export_checkpoint(str(runs["chase"]), out=str(tmp_path / "o5"), no_bench=True)
+
+
+def test_failed_export_leaves_no_folder(slim_file, tmp_path, monkeypatch):
+    """An export that fails after it started writing leaves neither ``out`` nor a partial folder."""
+    import lightning_sparse.export.exporter as exporter
+
+    def fail(*args, **kwargs):
+        assert len(list(tmp_path.glob(".deploy.*.partial/model.pt"))) == 1  # model.pt was already written
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(exporter, "fold_batchnorm", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        export_checkpoint(str(slim_file), out=str(tmp_path / "deploy"), no_bench=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_parity_failure_leaves_no_folder(slim_file, tmp_path):
+    """A real parity failure (tolerance below float32 rounding) is a clear error and writes nothing."""
+    with pytest.raises(ParityError, match="onnxruntime logits differ from PyTorch"):
+        export_checkpoint(str(slim_file), out=str(tmp_path / "deploy"), no_bench=True, atol=1e-12)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- BatchNorm folding
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(0.5 * torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def _vgg_like() -> nn.Module:
+    layers, c = [], 3
+    for width in (16, 32, "M", 64, 64, "M"):
+        if width == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg_like"])
+def test_fold_batchnorm_keeps_logits(name):
+    model = _vgg_like() if name == "vgg_like" else timm.create_model(name, num_classes=10)
+    model = _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_batchnorm(model, x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert type(folded) is type(model) and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        ref = model(x)
+        assert (folded(x) - ref).abs().max().item() <= 1e-4
+
+
+class _PreAct(nn.Module):
+    """BatchNorm before the conv (pre-activation) and a conv output read by two consumers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pre, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv0(x)
+        return self.conv1(torch.relu(self.pre(self.bn0(y) + y)))
+
+
+def test_fold_batchnorm_errors_name_the_layers():
+    model = _randomise_bn(_PreAct())
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(CannotFoldError, match=re.escape("bn0 (the output of 'conv0' is also read by another operation)")):
+        fold_batchnorm(model, x)
+    with pytest.raises(CannotFoldError, match=re.escape("pre (its input is not the output of a Conv2d)")):
+        fold_batchnorm(model, x)
+    loose = fold_batchnorm(model, x, strict=False)
+    assert sorted(loose.folded_batchnorm.unfoldable) == ["bn0", "pre"]
+    with torch.no_grad():
+        torch.testing.assert_close(loose(x), model(x))
+
+
+def test_make_runner_eager_and_onnxruntime(tmp_path):
+    model = _randomise_bn(timm.create_model("resnet10t", num_classes=5, in_chans=1))
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    eager = make_runner(model, x, "eager", threads=1)()
+    onnx_out = make_runner(model, x, "onnxruntime", tmp_path, threads=1)()[0]
+    assert (eager - ref).abs().max().item() <= 1e-4 and eager.is_contiguous(memory_format=torch.contiguous_format)
+    assert np.abs(onnx_out - ref.numpy()).max() <= 1e-3
+    assert (tmp_path / "model.onnx").is_file()
+    with pytest.raises(ValueError, match="runtime='tensorrt' is not supported; choose one of"):
+        make_runner(model, x, "tensorrt")
+    with pytest.raises(ValueError, match="needs a workdir"):
+        make_runner(model, x, "onnxruntime")
+
+
+# ------------------------------------------------------------------------------------- optional onnx
+def test_package_imports_without_onnx():
+    """``import lightning_sparse`` and the 2:4 benchmark need torch and timm only; the export says what is missing."""
+    code = (
+        "import sys\n"
+        "for m in ('onnx', 'onnxruntime', 'onnxscript'): sys.modules[m] = None\n"
+        "import lightning_sparse, lightning_sparse.semi_structured, lightning_sparse.benchmark\n"
+        "import lightning_sparse.export as ex, torch, timm\n"
+        "assert not [m for m in ('onnx', 'onnxruntime', 'onnxscript') if sys.modules.get(m) is not None]\n"
+        "try:\n"
+        "    ex.export_onnx(timm.create_model('resnet10t', num_classes=2), torch.randn(1, 3, 16, 16), 'x.onnx')\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ONNX export needs 'onnx'" in proc.stdout and "pip install -r requirements.txt" in proc.stdout
+
+
+def test_readme_shows_the_tested_load_snippet():
+    readme = (ROOT / "README.md").read_text()
+    assert "## Export for deployment" in readme
+    assert LOAD_SNIPPET in readme
