@@ -27,7 +27,6 @@ import argparse
 import copy
 import csv
 import json
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import timm
 import torch
 from torch import nn
 
+from lightning_sparse.semi_structured.timing import interleaved_times
 from lightning_sparse.slim import channel_candidates, count_flops, slim_model, zero_channels
 from lightning_sparse.sparsity.channels import (
     channel_floor,
@@ -119,23 +119,7 @@ def runners(models: dict[str, nn.Module], x: torch.Tensor, runtime: str, workdir
     """One zero-argument callable per model running one batch in ``runtime`` (BN folded)."""
     from lightning_sparse.export import make_runner
 
-    return {k: make_runner(m, x, runtime, workdir / f"{k}.onnx") for k, m in models.items()}
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function; calls interleaved, the order rotating every round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for j in range(len(names)):
-            n = names[(j + r) % len(names)]
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return {k: make_runner(m, x, runtime, workdir / k) for k, m in models.items()}
 
 
 def measure(dense: nn.Module, slim: nn.Module, args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, dict[str, float]]:
@@ -144,8 +128,9 @@ def measure(dense: nn.Module, slim: nn.Module, args: argparse.Namespace, shape: 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for runtime in args.runtime:
-            t = time_interleaved(runners({"dense": dense, "slim": slim}, x, runtime, Path(tmp)), args.reps, args.warmup)
-            out[runtime] = {"dense_s": t["dense"], "slim_s": t["slim"], "speedup": t["dense"] / t["slim"]}
+            fns = runners({"dense": dense, "slim": slim}, x, runtime, Path(tmp))
+            d, s = (t.host_ms / 1e3 for t in interleaved_times([fns["dense"], fns["slim"]], args.warmup, args.reps, "cpu"))
+            out[runtime] = {"dense_s": d, "slim_s": s, "speedup": d / s}
     return out
 
 
