@@ -222,12 +222,13 @@ def plot_layer_density(history: Mapping[str, Any]) -> Figure:
     for n, k in zip(names, kinds):
         by_kind[k] = by_kind.get(k, 0) + numel[n]
     coverage = ", ".join(f"{k}: {v / total:.1%}" for k, v in by_kind.items())
-    ax.set_title(_title(history, f"Final density per layer (overall {kept / total:.3f}; weights {coverage})"),
+    ax.set_title(f"{_title(history, 'Final density per layer')}\n"
+                 f"overall density {kept / total:.3f} of {total:,} conv/linear weights; share of weights: {coverage}",
                  fontsize=9)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=_KIND_COLOR.get(k, "tab:green"), label=k) for k in by_kind], fontsize=7,
-              loc="lower right")
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer kind", title_fontsize=7)
     return fig
 
 

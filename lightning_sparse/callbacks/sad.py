@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
 from lightning_sparse.callbacks._sad_context import schedule_marks
 from lightning_sparse.checks import check_range
@@ -88,7 +89,8 @@ class SADTracker(pl.Callback):
     Figures (:mod:`lightning_sparse.plots`: SAD curves, per-layer density, active channels) are
     written on rank zero to ``<trainer.log_dir>/figures/*.png`` at the end of fit and every
     ``plot_every_n_epochs`` epochs (overwriting, so the files show the latest state), and logged as
-    images (keys ``figures/<name>``) to every attached ``WandbLogger``. ``fast_dev_run`` writes none.
+    images (keys ``figures/<name>``) to every attached ``WandbLogger``. Under ``fast_dev_run`` it measures
+    after every step and writes no figures.
 
     Args:
         interval: measure every ``interval`` optimizer steps (int ≥ 1).
@@ -128,6 +130,7 @@ class SADTracker(pl.Callback):
         self._cumulative = 0
         self._last_step = -1
         self._polled_step = -1
+        self._every = interval  # `interval`, or 1 under fast_dev_run
         self._events = EventWatcher()
         self.history: dict[str, Any] = _empty_history()
 
@@ -168,6 +171,8 @@ class SADTracker(pl.Callback):
         self.history["meta"] = {"run": run_label(trainer), "method": describe_method(self._sources, self.mask_fn)}
         self._events.poll(self._sources, self._channel_sources, pl_module)  # baseline
         self._polled_step = trainer.global_step - 1
+        smoke = fast_dev_run_step(trainer, "SADTracker", "a SAD measurement after every step")
+        self._every = self.interval if smoke is None else 1
 
     @override
     def on_train_batch_end(
@@ -179,7 +184,7 @@ class SADTracker(pl.Callback):
         self._polled_step = done
         for kind in self._events.poll(self._sources, self._channel_sources, pl_module):
             self.history["events"].setdefault(kind, []).append(done)
-        if done % self.interval == 0 and done > self._last_step:
+        if done % self._every == 0 and done > self._last_step:
             self._run_measure(trainer, pl_module, done)
 
     @override
