@@ -204,7 +204,7 @@ def plot_layer_density(history: Mapping[str, Any]) -> Figure:
     names = list(layers)
     density = [1.0 if layers[n]["kind"] == "dense" else final.get(n, math.nan) for n in names]
     kinds = [layers[n]["kind"] for n in names]
-    fig = _new_figure(8.0, max(3.0, 1.8 + 0.2 * len(names)))
+    fig = _new_figure(9.5, max(3.0, 1.8 + 0.2 * len(names)))
     ax = fig.subplots()
     y = np.arange(len(names))
     colors = [_KIND_COLOR.get(k, "tab:green") for k in kinds]
@@ -221,10 +221,9 @@ def plot_layer_density(history: Mapping[str, Any]) -> Figure:
     by_kind: dict[str, int] = {}
     for n, k in zip(names, kinds):
         by_kind[k] = by_kind.get(k, 0) + numel[n]
-    coverage = ", ".join(f"{k}: {v / total:.1%}" for k, v in by_kind.items())
+    coverage = ", ".join(f"{k} {v / total:.1%}" for k, v in by_kind.items())
     ax.set_title(f"{_title(history, 'Final density per layer')}\n"
-                 f"overall density {kept / total:.3f} of {total:,} conv/linear weights; share of weights: {coverage}",
-                 fontsize=9)
+                 f"density {kept / total:.3f} of {total:,} conv/linear weights ({coverage})", fontsize=9)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=_KIND_COLOR.get(k, "tab:green"), label=k) for k in by_kind], fontsize=7,

@@ -100,7 +100,7 @@ def test_nm_bars_show_coverage_and_dense_layers(tiny_net: pl.LightningModule, tm
         f"{n} ({'2:4' if n in covered else 'dense'})" for n in names]
     assert [p.get_width() for p in fig.axes[0].patches] == pytest.approx([0.5 if n in covered else 1.0 for n in names])
     share = sum(params[n].numel() for n in covered) / sum(params[n].numel() for n in names)
-    assert f"2:4: {share:.1%}" in fig.axes[0].get_title() and "2:4 SR-STE" in fig.axes[0].get_title()
+    assert f"2:4 {share:.1%}" in fig.axes[0].get_title() and "2:4 SR-STE" in fig.axes[0].get_title()
     assert not plots.heatmap_informative(h)
 
 
