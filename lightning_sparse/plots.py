@@ -88,18 +88,24 @@ def _mark_events(axes: Sequence[Any], history: Mapping[str, Any], legend_ax: Any
         for j, (name, step) in enumerate(sorted((history.get("marks") or {}).items(), key=lambda kv: kv[1])):
             if 0 <= step <= last:
                 ax.axvline(step, label=f"{name} (step {step})", **{**_MARK_STYLE, "linestyle": [":", "-", "--"][j % 3]})
-        for i, (step, _name) in enumerate(history.get("resets", [])):
+        removals = set((history.get("events") or {}).get("channel removal", []))
+        resets = sorted({step for step, _name in history.get("resets", [])} - removals)  # slimming: already marked
+        for i, step in enumerate(resets):
             ax.axvline(step, color="grey", linestyle=":", linewidth=0.8, label="mask shape change" if i == 0 else None)
     if legend_ax is not None and legend_ax.get_legend_handles_labels()[1]:
         legend_ax.legend(fontsize=7, loc="best")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n:,}"
+
+
 def _normaliser(history: Mapping[str, Any]) -> str:
     totals = history.get("total") or []
     if totals and min(totals) == max(totals):
-        return f"fraction of all {totals[-1]:,} mask elements"
+        return f"fraction of all {_count(totals[-1])} mask elements"
     if totals:
-        return f"fraction of all mask elements ({totals[0]:,} → {totals[-1]:,})"
+        return f"fraction of all mask elements,\n{_count(totals[0])} → {_count(totals[-1])} as channels go"
     return "fraction of all mask elements"
 
 
