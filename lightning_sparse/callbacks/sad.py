@@ -205,7 +205,8 @@ class SADTracker(pl.Callback):
             "shapes": {k: list(v) for k, v in self._shapes.items()},
             "cumulative": self._cumulative,
             "last_step": self._last_step,
-            "history": copy.deepcopy(self.history),
+            # the run label and method are set again at every start (a resumed run may write elsewhere)
+            "history": copy.deepcopy({k: v for k, v in self.history.items() if k != "meta"}),
         }
 
     @override
