@@ -16,22 +16,30 @@ Commands (an NVIDIA GPU: cuSPARSELt needs compute capability >= 8.0, CUTLASS 8.x
     # a trained ImageClassifier checkpoint (2:4 masks are baked by magnitude into every eligible linear)
     python -m lightning_sparse.benchmark --checkpoint runs/<name>/version_0/checkpoints/last.ckpt
 
-On a machine without a suitable GPU, or a model where no layer converts, it prints why it skipped and exits 0.
-A failed parity check (sparse outputs differ from the dense masked model) names the worst layer and exits 1.
+Inputs are checked first (a missing checkpoint or an unknown timm model is a usage error, exit 2). The
+per-layer eligibility table (which ``nn.Linear`` can hold a 2:4 weight, and why the others cannot) does not
+depend on the device and is printed everywhere, CPU included. On a machine without a suitable GPU, or a model
+where no layer converts, it says why it skipped and exits 0; on CPU it ends with the command to run and the
+GPU it needs. A failed parity check (sparse outputs differ from the dense masked model) names the worst layer
+and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lightning_sparse.semi_structured import (
+    BACKEND_CAPABILITY,
     BACKENDS,
     DTYPES,
     MIN_RUNS,
@@ -39,8 +47,10 @@ from lightning_sparse.semi_structured import (
     NothingConverted,
     benchmark_semi_structured,
     format_report,
+    semi_structured_eligibility,
     skip_reason,
 )
+from lightning_sparse.semi_structured.report import _table
 
 
 def _linear_shape(text: str) -> tuple[int, int]:
@@ -122,9 +132,8 @@ def build_models(args: argparse.Namespace) -> list[tuple[nn.Module, tuple[int, .
     return [(model, _timm_input_shape(model, 3, args.image_size), f"{args.model} (random init)", True)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for everything that can be checked without a GPU."""
     if args.runs < MIN_RUNS:
         parser.error(f"--runs must be >= {MIN_RUNS}, got {args.runs}")
     if any(b < 1 for b in args.batch_size):
@@ -135,12 +144,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--model needs --random-init (pretrained weights are never downloaded), or use --checkpoint")
     if args.search and args.backend != "cusparselt":
         parser.error(f"--search needs --backend cusparselt, got {args.backend}")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file (give the path of a Lightning .ckpt of "
+                     "lightning_sparse.models.ImageClassifier, e.g. runs/<name>/version_0/checkpoints/last.ckpt)")
+    if args.model is not None:
+        import timm
+
+        if not timm.is_model(args.model):
+            close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+            parser.error(f"--model {args.model}: not a timm model name{hint}")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+
+
+def print_eligibility(model: nn.Module, what: str, dtypes: Sequence[str], backend: str, table: bool) -> int:
+    """Print which layers can hold a 2:4 weight (per dtype where it differs); return the eligible count."""
+    eligible = 0
+    groups: dict[tuple, list[str]] = {}  # float16 and bfloat16 share their shape constraints: one table
+    for dtype in dtypes:
+        rows = semi_structured_eligibility(model, dtype, backend)
+        key = tuple((r.name, r.eligible, r.reason.replace(dtype, "")) for r in rows)
+        groups.setdefault(key, []).append(dtype)
+    for same in groups.values():
+        rows = semi_structured_eligibility(model, same[0], backend)
+        ok = [r for r in rows if r.eligible]
+        linears = [r for r in rows if r.eligible or "nn.Linear" not in r.reason]
+        weights = sum(_numel(r.shape) for r in ok)
+        total = sum(_numel(r.shape) for r in rows)
+        eligible = max(eligible, len(ok))
+        print(f"\n== 2:4 eligibility of {what} ({backend}, {', '.join(same)}) ==")
+        if table:
+            print(_table(("layer", "weight", "eligible", "reason"),
+                         [(r.name or "(model)", "x".join(map(str, r.shape)), "yes" if r.eligible else "no", r.reason)
+                          for r in rows]))
+        print(f"{len(ok)} of {len(linears)} nn.Linear layer(s) eligible ({len(rows) - len(linears)} conv(s) stay "
+              f"dense); {weights:,} of {total:,} conv/linear weights ({weights / max(1, total):.1%}) can be 2:4")
+    return eligible
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _where_to_run(argv: Sequence[str], backend: str, any_eligible: bool) -> str:
+    low, high = BACKEND_CAPABILITY[backend]
+    cap = f"{low[0]}.x (A100, RTX 30xx/40xx)" if high is not None else f">= {low[0]}.{low[1]} (A100, RTX 30xx/40xx, H100)"
+    if not any_eligible:
+        return ("No layer is eligible, so a GPU would skip this input too. Inputs with eligible layers: "
+                "--linear 8192x8192, --model vit_base_patch16_224 --random-init, or a checkpoint of a model "
+                "with nn.Linear layers (a ViT, an MLP-Mixer).")
+    return (f"To time it, run this on an NVIDIA GPU with compute capability {cap}:\n"
+            f"    python -m lightning_sparse.benchmark {shlex.join(argv)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _check_inputs(parser, args)
+    models = build_models(args)
+    any_eligible = False
+    for model, _, what, layers in models:
+        any_eligible |= print_eligibility(model, what, args.dtype, args.backend, not args.no_layers) > 0
     reason = skip_reason(None, args.dtype[0], args.backend, args.device)
-    if reason is not None:  # before building anything: a CPU machine exits here
-        print(f"2:4 semi-structured benchmark skipped: {reason}.")
+    if reason is not None:
+        print(f"\n2:4 semi-structured benchmark skipped: {reason}.")
+        print(_where_to_run(argv, args.backend, any_eligible))
         return 0
     reports, failed = [], []
-    for model, input_shape, what, layers in build_models(args):
+    for model, input_shape, what, layers in models:
         for dtype in args.dtype:
             reason = skip_reason(model, dtype, args.backend, args.device)
             if reason is not None:

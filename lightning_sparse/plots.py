@@ -15,7 +15,13 @@ so this works headless, in threads and next to a user's own interactive backend.
 - ``layer_density``: ``{parameter name: [density, ...]}``;
 - ``layer_sad``: ``{parameter name: [SAD vs previous, ...]}`` (optional);
 - ``channels``: ``{layer name: [active channels, ...]}`` (empty unless a mask source reports channels);
-- ``resets``: ``[[step, parameter name], ...]`` where a layer's mask changed shape.
+- ``resets``: ``[[step, parameter name], ...]`` where a layer's mask changed shape;
+- ``total``: number of mask elements at each measurement (the SAD normaliser; optional);
+- ``events``: ``{"mask update" | "channel removal": [step, ...]}`` (optional);
+- ``marks``: ``{label: step}`` of schedule stops, e.g. ``"DST stop"`` (optional);
+- ``meta``: ``{"run": ..., "method": ...}`` for the titles (optional);
+- ``layers``: ``{parameter name: {"numel": int, "kind": "unstructured" | "N:M" | "dense"}}`` of every
+  conv/linear weight (optional; without it the bar chart shows the masked layers only).
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "plot_sad",
     "plot_density_heatmap",
+    "plot_layer_density",
     "plot_active_channels",
+    "heatmap_informative",
     "save_figures",
     "FIGURE_NAMES",
 ]
 
-FIGURE_NAMES = ("sad", "density_heatmap", "active_channels")
+FIGURE_NAMES = ("sad", "layer_density", "density_heatmap", "active_channels")
 _MAX_LEGEND = 12
 
 
@@ -56,46 +65,103 @@ def _matrix(table: Mapping[str, Sequence[float]], n_cols: int) -> tuple[list[str
     return names, mat
 
 
-def _step_ticks(ax: Any, steps: Sequence[int], n_max: int = 10) -> None:
-    idx = np.unique(np.linspace(0, len(steps) - 1, min(n_max, len(steps))).round().astype(int))
-    ax.set_xticks(idx)
-    ax.set_xticklabels([str(steps[i]) for i in idx], rotation=45, ha="right")
-    ax.set_xlabel("step")
+def _title(history: Mapping[str, Any], what: str) -> str:
+    meta = history.get("meta") or {}
+    parts = [p for p in (meta.get("run"), meta.get("method")) if p]
+    return f"{what}\n{' · '.join(parts)}" if parts else what
+
+
+_EVENT_STYLE = {"mask update": dict(color="tab:green", linestyle="--"),
+                "channel removal": dict(color="tab:red", linestyle="-.")}
+_MARK_STYLE = dict(color="black", linestyle=":", linewidth=1.4)
+
+
+def _mark_events(axes: Sequence[Any], history: Mapping[str, Any], legend_ax: Any = None) -> None:
+    """Vertical lines at mask updates, channel removals (one style each) and the schedule's stop steps."""
+    steps = list(history.get("step", []))
+    last = steps[-1] if steps else 0
+    for ax in axes:
+        for kind, at in (history.get("events") or {}).items():
+            style = _EVENT_STYLE.get(kind, dict(color="tab:purple", linestyle="--"))
+            for i, step in enumerate(at):
+                ax.axvline(step, linewidth=0.8, alpha=0.6, label=f"{kind} ({len(at)})" if i == 0 else None, **style)
+        for j, (name, step) in enumerate(sorted((history.get("marks") or {}).items(), key=lambda kv: kv[1])):
+            if 0 <= step <= last:
+                ax.axvline(step, label=f"{name} (step {step})", **{**_MARK_STYLE, "linestyle": [":", "-", "--"][j % 3]})
+        removals = set((history.get("events") or {}).get("channel removal", []))
+        resets = sorted({step for step, _name in history.get("resets", [])} - removals)  # slimming: already marked
+        for i, step in enumerate(resets):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8, label="mask shape change" if i == 0 else None)
+    if legend_ax is not None and legend_ax.get_legend_handles_labels()[1]:
+        legend_ax.legend(fontsize=7, loc="best")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n:,}"
+
+
+def _normaliser(history: Mapping[str, Any]) -> str:
+    totals = history.get("total") or []
+    if totals and min(totals) == max(totals):
+        return f"fraction of all {_count(totals[-1])} mask elements"
+    if totals:
+        return f"fraction of all mask elements,\n{_count(totals[0])} → {_count(totals[-1])} as channels go"
+    return "fraction of all mask elements"
 
 
 def plot_sad(history: Mapping[str, Any]) -> Figure:
     """SAD over steps: step-to-step (vs the previous measurement) and vs the initial mask.
 
-    Both are fractions of all tracked mask elements. A flat step-to-step curve near 0 means the
-    architecture has settled; the vs-init curve shows how far it travelled from where it started.
+    Both are fractions of all tracked mask elements (the y labels say how many). A point at step ``s`` holds
+    the mask updates made at ``s``; mask updates, channel removals and the schedule's stop steps are drawn as
+    vertical lines with a legend. A flat step-to-step curve near 0 means the architecture has settled; the
+    vs-init curve shows how far it travelled from where it started.
 
     Example:
         >>> h = {"step": [0, 10, 20], "sad_norm": [0.0, 0.2, 0.1], "sad_vs_init_norm": [0.0, 0.2, 0.25],
-        ...      "resets": []}
-        >>> len(plot_sad(h).axes)
-        2
+        ...      "resets": [], "events": {"mask update": [10, 20]}, "total": [500, 500, 500]}
+        >>> fig = plot_sad(h)
+        >>> len(fig.axes), len(fig.axes[0].lines)  # the curve and two update lines
+        (2, 3)
+        >>> fig.axes[1].get_ylabel().splitlines()[1]
+        '(fraction of all 500 mask elements)'
     """
     steps = list(history["step"])
-    fig = _new_figure(7.0, 5.0)
+    fig = _new_figure(8.0, 5.5)
     ax_step, ax_init = fig.subplots(2, 1, sharex=True)
-    # the first measurement has no predecessor (its step-to-step SAD is 0 by definition): not drawn
-    ax_step.plot(steps[1:], history["sad_norm"][1:], marker=".", color="tab:blue")
-    ax_step.set_ylabel("SAD vs previous\n(fraction)")
-    ax_step.set_title("Sparse architecture divergence")
-    ax_init.plot(steps, history["sad_vs_init_norm"], marker=".", color="tab:orange")
-    ax_init.set_ylabel("SAD vs initial mask\n(fraction)")
-    ax_init.set_xlabel("step")
-    for step, _name in history.get("resets", []):
-        for ax in (ax_step, ax_init):
-            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+    # the first point (step 0) holds what moved during the first optimizer step (0 for explicit masks)
+    norm = _normaliser(history)
+    ax_step.plot(steps, history["sad_norm"], marker=".", color="tab:blue", label="SAD vs previous")
+    ax_step.set_ylabel(f"SAD vs previous measurement\n({norm})", fontsize=8)
+    ax_step.set_title(_title(history, "Sparse architecture divergence"), fontsize=10)
+    ax_init.plot(steps, history["sad_vs_init_norm"], marker=".", color="tab:orange", label="SAD vs initial")
+    ax_init.set_ylabel(f"SAD vs initial mask\n({norm})", fontsize=8)
+    ax_init.set_xlabel("optimizer step")
+    _mark_events([ax_step, ax_init], history)
+    handles, labels = ax_step.get_legend_handles_labels()
+    if len(labels) > 1:
+        ax_step.legend(handles[1:], labels[1:], fontsize=7, loc="upper right")
     for ax in (ax_step, ax_init):
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0.0)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     return fig
 
 
+def heatmap_informative(history: Mapping[str, Any], tol: float = 1e-9) -> bool:
+    """Whether any layer's density changes over time (else the heatmap is flat rows: 2:4, fixed ERK)."""
+    for values in history.get("layer_density", {}).values():
+        finite = [v for v in values if not math.isnan(v)]
+        if finite and max(finite) - min(finite) > tol:
+            return True
+    return False
+
+
 def plot_density_heatmap(history: Mapping[str, Any]) -> Figure:
-    """Per-layer density (fraction of kept weights) over time: layers as rows, measurements as columns.
+    """Per-layer density (fraction of kept weights) over time: layers as rows, optimizer steps on x.
+
+    Columns span the steps between measurements, so the x axis is in steps with evenly spaced ticks;
+    mask updates, channel removals and stop steps are marked.
 
     Example:
         >>> h = {"step": [0, 10], "layer_density": {"a.weight": [0.5, 0.4], "b.weight": [0.2, 0.3]}}
@@ -104,16 +170,70 @@ def plot_density_heatmap(history: Mapping[str, Any]) -> Figure:
     """
     steps = list(history["step"])
     names, mat = _matrix(history["layer_density"], len(steps))
-    fig = _new_figure(8.0, max(2.5, 1.2 + 0.22 * len(names)))
+    fig = _new_figure(9.0, max(3.0, 1.6 + 0.22 * len(names)))
     ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", interpolation="nearest", cmap="viridis",
-                      vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(names)))
+    gap = (steps[-1] - steps[-2]) if len(steps) > 1 else 1
+    edges = np.asarray([*steps, steps[-1] + max(1, gap)], dtype=float)
+    image = ax.pcolormesh(edges, np.arange(len(names) + 1), np.ma.masked_invalid(mat), cmap="viridis",
+                          vmin=0.0, vmax=1.0, shading="flat")
+    ax.set_ylim(len(names), 0)
+    ax.set_yticks(np.arange(len(names)) + 0.5)
     ax.set_yticklabels(names, fontsize=max(4, min(9, 400 // max(1, len(names)))))
     ax.set_ylabel("layer")
-    _step_ticks(ax, steps)
-    ax.set_title("Density per layer")
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.set_title(_title(history, "Density per layer (masked layers)"), fontsize=10)
     fig.colorbar(image, ax=ax, label="density (kept fraction)")
+    _mark_events([ax], history, legend_ax=ax)
+    return fig
+
+
+_KIND_COLOR = {"unstructured": "tab:blue", "dense": "tab:gray", "masked": "tab:purple"}
+
+
+def plot_layer_density(history: Mapping[str, Any]) -> Figure:
+    """Final density of every conv/linear layer as horizontal bars, dense layers included and labelled.
+
+    Bar colours give each layer's kind (unstructured mask, an N:M pattern, or dense); the title states the
+    global density and the N:M coverage (fraction of conv/linear weights under N:M).
+
+    Example:
+        >>> h = {"step": [0], "layer_density": {"b.weight": [0.5]},
+        ...      "layers": {"a.weight": {"numel": 100, "kind": "dense"}, "b.weight": {"numel": 300, "kind": "2:4"}}}
+        >>> [t.get_text() for t in plot_layer_density(h).axes[0].get_yticklabels()]
+        ['a.weight (dense)', 'b.weight (2:4)']
+    """
+    layers = dict(history.get("layers") or {})
+    final = {n: v[-1] for n, v in history["layer_density"].items() if v and not math.isnan(v[-1])}
+    for name in final:
+        layers.setdefault(name, {"numel": 0, "kind": "masked"})
+    names = list(layers)
+    density = [1.0 if layers[n]["kind"] == "dense" else final.get(n, math.nan) for n in names]
+    kinds = [layers[n]["kind"] for n in names]
+    fig = _new_figure(9.5, max(3.0, 1.8 + 0.2 * len(names)))
+    ax = fig.subplots()
+    y = np.arange(len(names))
+    colors = [_KIND_COLOR.get(k, "tab:green") for k in kinds]
+    ax.barh(y, density, color=colors, height=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{n} ({k})" for n, k in zip(names, kinds)], fontsize=max(4, min(9, 400 // max(1, len(names)))))
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0.0, 1.05)
+    ax.set_xlabel("final density (kept fraction of the layer's weights)")
+    ax.grid(True, axis="x", alpha=0.3)
+    numel = {n: layers[n]["numel"] for n in names}
+    total = sum(numel.values()) or 1
+    kept = sum(d * numel[n] for n, d in zip(names, density) if not math.isnan(d))
+    by_kind: dict[str, int] = {}
+    for n, k in zip(names, kinds):
+        by_kind[k] = by_kind.get(k, 0) + numel[n]
+    coverage = ", ".join(f"{k} {v / total:.1%}" for k, v in by_kind.items())
+    ax.set_title(f"{_title(history, 'Final density per layer')}\n"
+                 f"density {kept / total:.3f} of {total:,} conv/linear weights ({coverage})", fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=_KIND_COLOR.get(k, "tab:green"), label=k) for k in by_kind], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer kind", title_fontsize=7)
     return fig
 
 
@@ -127,40 +247,47 @@ def plot_active_channels(history: Mapping[str, Any]) -> Figure:
     """
     steps = list(history["step"])
     names, mat = _matrix(history["channels"], len(steps))
-    fig = _new_figure(7.0, 4.5)
+    fig = _new_figure(8.0, 4.8)
     ax = fig.subplots()
     for name, row in zip(names, mat):
         valid = row[~np.isnan(row)]
         first = valid[0] if len(valid) and valid[0] > 0 else math.nan
         ax.plot(steps, row / first, marker=".", linewidth=1.0, label=name)
-    ax.set_xlabel("step")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("active channels / initial")
-    ax.set_title("Active channels per layer")
+    ax.set_title(_title(history, "Active channels per layer"), fontsize=10)
     ax.set_ylim(bottom=0.0)
     ax.grid(True, alpha=0.3)
-    if len(names) <= _MAX_LEGEND:
-        ax.legend(fontsize=7, loc="lower left")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    if len(names) > _MAX_LEGEND:
+        for line in ax.lines:
+            line.set_label(None)
+    _mark_events([ax], history, legend_ax=ax)
     return fig
 
 
 def save_figures(history: Mapping[str, Any], out_dir: str | Path, dpi: int = 110) -> list[Path]:
     """Write every figure the history supports as ``<out_dir>/<name>.png``; return the written paths.
 
-    ``sad.png`` and ``density_heatmap.png`` need at least one measurement; ``active_channels.png`` also
-    needs channel history. Existing files are overwritten (each save shows the latest state).
+    ``sad.png`` and ``layer_density.png`` need at least one measurement; ``density_heatmap.png`` is written
+    only when some layer's density changes over time (for 2:4 or fixed-ERK runs it would be flat rows);
+    ``active_channels.png`` needs channel history. Existing files are overwritten (each save shows the
+    latest state).
 
     Example:
         >>> import tempfile
         >>> h = {"step": [0, 10], "sad_norm": [0.0, 0.1], "sad_vs_init_norm": [0.0, 0.1],
         ...      "layer_density": {"w": [0.5, 0.5]}, "channels": {}, "resets": []}
         >>> [p.name for p in save_figures(h, tempfile.mkdtemp())]
-        ['sad.png', 'density_heatmap.png']
+        ['sad.png', 'layer_density.png']
     """
     if not history.get("step"):
         return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"sad": plot_sad, "density_heatmap": plot_density_heatmap}
+    makers = {"sad": plot_sad, "layer_density": plot_layer_density}
+    if heatmap_informative(history):
+        makers["density_heatmap"] = plot_density_heatmap
     if history.get("channels"):
         makers["active_channels"] = plot_active_channels
     paths = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -263,12 +264,66 @@ def test_callback_skips_on_cpu_and_run_succeeds(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------- CLI
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
-def test_cli_on_cpu_prints_reason_and_exits_0(capsys):
+def test_cli_on_cpu_prints_table_reason_and_what_to_run(capsys):
     assert benchmark_main(["--linear", "8192x8192", "--batch-size", "4096"]) == 0
-    assert capsys.readouterr().out.strip() == (
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "0      8192x8192  yes       ok" in lines
+    assert "1 of 1 nn.Linear layer(s) eligible" in "\n".join(lines)
+    assert lines[-3:] == [
         "2:4 semi-structured benchmark skipped: no CUDA device: 2:4 semi-structured sparse kernels need an NVIDIA "
-        "GPU with compute capability >= 8.0."
-    )
+        "GPU with compute capability >= 8.0.",
+        "To time it, run this on an NVIDIA GPU with compute capability >= 8.0 (A100, RTX 30xx/40xx, H100):",
+        "    python -m lightning_sparse.benchmark --linear 8192x8192 --batch-size 4096",
+    ]
+
+
+def _classifier_checkpoint(tmp_path: Path, model_name: str, num_classes: int, in_chans: int, **kwargs) -> Path:
+    from lightning_sparse.models import ImageClassifier
+
+    module = ImageClassifier(model_name=model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    path = tmp_path / f"{model_name}.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
+    return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_cli_checkpoint_table_on_cpu_says_no_layer_is_eligible(tmp_path, capsys):
+    """The digits 2:4 ResNet-18: its convs stay dense and its 10-class fc is too small, on any device."""
+    ckpt = _classifier_checkpoint(tmp_path, "resnet18", 10, 1)
+    assert benchmark_main(["--checkpoint", str(ckpt), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in timm.create_model("resnet18", num_classes=10, in_chans=1).modules())
+    assert out.count("Conv2d is not handled") == n_convs == 20
+    assert re.search(r"^fc\s+10x512\s+no\s+out_features=10 is not a positive multiple of 16", out, re.M)
+    assert f"0 of 1 nn.Linear layer(s) eligible ({n_convs} conv(s) stay dense)" in out
+    assert out.strip().endswith("No layer is eligible, so a GPU would skip this input too. Inputs with eligible "
+                                "layers: --linear 8192x8192, --model vit_base_patch16_224 --random-init, or a "
+                                "checkpoint of a model with nn.Linear layers (a ViT, an MLP-Mixer).")
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_cli_missing_checkpoint_is_an_error_before_the_device_check(tmp_path, monkeypatch, capsys, gpu):
+    fake = fake_semi_structured.install(monkeypatch) if gpu else None
+    missing = tmp_path / "runs" / "nope.ckpt"
+    with pytest.raises(SystemExit) as exc:
+        benchmark_main(["--checkpoint", str(missing)])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and f"--checkpoint {missing}: no such file" in captured.err
+    assert "skipped" not in captured.out and (fake is None or fake.compressed == [])
+
+
+def test_cli_unknown_timm_model_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark_main(["--model", "vit_tiny_patch16_22", "--random-init"])
+    assert exc.value.code == 2 and "--model vit_tiny_patch16_22: not a timm model name; did you mean" in capsys.readouterr().err
+
+
+def test_cli_table_also_printed_on_a_gpu(monkeypatch, capsys, few_runs):
+    fake_semi_structured.install(monkeypatch)
+    assert benchmark_main(["--linear", "64x64", "--runs", "2", "--warmup", "0", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("== 2:4 eligibility of nn.Linear(64, 64)") < out.index("speed-up") and "To time it" not in out
 
 
 @pytest.mark.parametrize(

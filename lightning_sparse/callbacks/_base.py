@@ -24,14 +24,14 @@ class MaskSource(Protocol):
 
 
 @rank_zero_only
-def log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Send metrics straight to every logger at the current global step (rank zero only).
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send metrics straight to every logger at ``step`` (default: the current global step; rank zero only).
 
     Callbacks use this instead of ``LightningModule.log`` so they can log from any hook, at exactly the
     steps where something happened (a mask update, a SAD measurement).
     """
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 
 
 def check_strategy(trainer: pl.Trainer | None, callback: str) -> None:

@@ -4,6 +4,10 @@
 is ``ceil(batches / accumulate_grad_batches)`` (Lightning steps once more at the end of an epoch whose
 last accumulation window is short); under manual optimization each optimizer is taken to step once per
 batch. Training ends at ``max_steps`` or at ``max_epochs`` × steps per epoch, whichever comes first.
+
+Under ``fast_dev_run`` (a smoke test of a few batches) the callbacks do not refuse a schedule written for
+the full run: like Lightning's own loops and checkpointing adapt, each one compresses its schedule so every
+mechanism runs once (:func:`fast_dev_run_step`), and says so in one info line.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["steps_per_epoch", "total_steps", "resolve_stop_step", "UpdateGuard"]
+__all__ = ["steps_per_epoch", "total_steps", "resolve_stop_step", "fast_dev_run_step", "UpdateGuard"]
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -60,6 +64,26 @@ def resolve_stop_step(
     if stop_epoch is not None:
         return max(1, int(stop_epoch) * steps_per_epoch(trainer))
     return max(1, int(fraction * total_steps(trainer)))
+
+
+def fast_dev_run_step(trainer: pl.Trainer, owner: str, what: str, first: int = 0) -> int | None:
+    """Under ``fast_dev_run``: the step at which a compressed schedule acts once (the last step of the smoke
+    run, at least ``first``), announced in one info line; ``None`` outside ``fast_dev_run``.
+
+    ``what`` describes the compressed schedule, e.g. ``"one mask update"``. When the smoke run is too short
+    (the last step is before ``first``), the line says how many batches it needs and ``None`` is returned.
+    """
+    if not getattr(trainer, "fast_dev_run", False):
+        return None
+    step = max(0, total_steps(trainer) - 1)
+    if step < first:
+        rank_zero_info(f"{owner}: fast_dev_run={int(trainer.fast_dev_run)} runs {step + 1} optimizer step(s); "
+                       f"{what} needs {first + 1} (use --trainer.fast_dev_run={first + 1}), so it is skipped.")
+        return None
+    where = "" if "step" in what else f" at step {step}"
+    rank_zero_info(f"{owner}: fast_dev_run: schedule compressed to {what}{where} "
+                   "(the configured schedule applies to real runs).")
+    return step
 
 
 class UpdateGuard:

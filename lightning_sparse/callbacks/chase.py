@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
-from lightning_sparse.callbacks._schedule import UpdateGuard, steps_per_epoch, total_steps
+from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
 from lightning_sparse.slim import restore_before_weights_load, slim_model
 from lightning_sparse.sparsity.channels import channel_floor, group_channel_scores, n_channels_to_remove
@@ -188,10 +188,12 @@ class Chase(pl.Callback):
             rank_zero_warn(f"Chase: slim='during' needs a single-device strategy, got {type(trainer.strategy).__name__}; "
                            "removed channels stay zero during training and are slimmed at the end of fit.")
             self.slim = "end"
+        smoke = fast_dev_run_step(trainer, "Chase", ChaseSchedule.SMOKE, 1) is not None or bool(trainer.fast_dev_run)
+        self.update_interval = 1 if smoke else self.update_interval  # smoke run: every mechanism once
         self.schedule = ChaseSchedule.for_training(
             trainer.max_epochs or 0, steps_per_epoch(trainer), total_steps(trainer), self.stop_dst_epochs,
             self.stop_gmp_epochs, self.channel_interval_epochs, self.channel_sparsity, self.drop_fraction,
-            self.phase2_drop_fraction, self.density)
+            self.phase2_drop_fraction, self.density, fast_dev_run=smoke)
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         self._log(trainer, {})

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, log_metrics
-from lightning_sparse.callbacks._schedule import UpdateGuard, resolve_stop_step
+from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
 from lightning_sparse.sparsity.dst import GROWTH_MODES, cosine_drop_fraction, drop_grow, initial_masks
@@ -52,6 +52,9 @@ class DynamicSparsity(pl.Callback):
     the stop step, each layer drops the cosine-decayed fraction of its smallest-|w| active weights and
     regrows as many (DESIGN.md §3). Masked weights, gradients and optimizer state are kept at exactly 0
     after every optimizer step, for any optimizer (:class:`~lightning_sparse.sparsity.engine.MaskEngine`).
+
+    Under ``fast_dev_run`` the schedule is compressed to one mask update at the smoke run's last step (one
+    info line says so), so a smoke test exercises the update instead of skipping it.
 
     An update whose gradients or weights are not finite (an fp16 overflow the GradScaler skips) is
     postponed to the next finite step with one warning; after ``max_postponed`` consecutive
@@ -115,6 +118,7 @@ class DynamicSparsity(pl.Callback):
         self.guard = UpdateGuard(max_postponed)
         self.num_updates = 0
         self._stop: int | None = None
+        self._smoke_step: int | None = None  # under fast_dev_run: the one update step
         self._excluded: list[str] = []
 
     @property
@@ -153,8 +157,12 @@ class DynamicSparsity(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.bind(pl_module)
-        self._stop = self.resolved_stop_step(trainer)
-        if self._stop <= self.start_step:
+        self._smoke_step = fast_dev_run_step(trainer, type(self).__name__, "one mask update")
+        if self._smoke_step is not None:  # a smoke run: one update at its last step, whatever the schedule
+            self._stop = self._smoke_step + 1
+        else:
+            self._stop = self.resolved_stop_step(trainer)
+        if self._smoke_step is None and self._stop <= self.start_step:
             raise ValueError(
                 f"DynamicSparsity stops before it starts: start_step={self.start_step}, stop step={self._stop} "
                 f"(stop_step={self.stop_step}, stop_epoch={self.stop_epoch})."
@@ -191,6 +199,8 @@ class DynamicSparsity(pl.Callback):
 
     # ----------------------------------------------------------------------------------- internals
     def _is_update_step(self, step: int) -> bool:
+        if self._smoke_step is not None:
+            return step == self._smoke_step
         stop = self._stop if self._stop is not None else step + 1
         return step > self.start_step and (step - self.start_step) % self.update_interval == 0 and step < stop
 
@@ -214,7 +224,8 @@ class DynamicSparsity(pl.Callback):
 
     def _run_update(self, trainer: pl.Trainer, step: int) -> None:
         stop = self._stop if self._stop is not None else self.resolved_stop_step(trainer)
-        alpha = cosine_drop_fraction(step - self.start_step, stop - self.start_step, self.drop_fraction)
+        start = 0 if self._smoke_step is not None else self.start_step
+        alpha = cosine_drop_fraction(step - start, stop - start, self.drop_fraction)
         gen = self._generator(step)
         swapped = 0
         params = self.engine.params

@@ -30,6 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy
+from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.nm import LAYOUTS, Layout, bake_nm, check_nm, nm_mask, nm_skip_reason
@@ -124,6 +125,12 @@ class NMSparsity(pl.Callback):
         check_strategy(trainer, type(self).__name__)
         if not self._hooks:
             self.attach(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dense_warmup_steps > 0:  # a smoke run masks at its last step at the latest
+            last = fast_dev_run_step(trainer, type(self).__name__, "N:M masking from the last step on, at the latest")
+            self.dense_warmup_steps = self.dense_warmup_steps if last is None else min(self.dense_warmup_steps, last)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

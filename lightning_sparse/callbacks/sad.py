@@ -16,6 +16,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.callbacks._schedule import fast_dev_run_step
+from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
+from lightning_sparse.callbacks._sad_context import schedule_marks
 from lightning_sparse.checks import check_range
 from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount_tensor
 
@@ -29,6 +32,7 @@ def _empty_history() -> dict[str, Any]:
     return {
         "step": [], "sad": [], "sad_norm": [], "sad_vs_init": [], "sad_vs_init_norm": [], "cumulative": [],
         "density": [], "layer_density": {}, "layer_sad": {}, "channels": {}, "resets": [],
+        "total": [], "events": {}, "marks": {}, "meta": {}, "layers": {},
     }
 
 
@@ -43,8 +47,11 @@ def _append_aligned(table: dict[str, list[float]], values: Mapping[str, float], 
 class SADTracker(pl.Callback):
     """Track sparse architecture divergence (SAD) of the masks every ``interval`` optimizer steps.
 
-    SAD(M_a, M_b) = number of positions where two masks differ (SR-STE, Zhou et al. 2021). At steps
-    ``0, interval, 2·interval, ...`` (``trainer.global_step``) the tracker reads the current masks and logs
+    SAD(M_a, M_b) = number of positions where two masks differ (SR-STE, Zhou et al. 2021). The initial
+    masks are read at the start of training; then, after each optimizer step ``s`` with ``s`` a multiple of
+    ``interval`` (``s = 0, interval, 2·interval, ...``, the ``trainer.global_step`` that step ran at), the
+    tracker reads the masks and logs at step ``s``, so a mask update made at step ``s`` (DynamicSparsity's
+    ``dst/regrown`` is logged at ``s``) shows in the SAD point at ``s``:
 
     - ``sad/global``, ``sad/global_norm``: SAD vs the previous measurement (count; fraction of all mask
       elements): how much the architecture still moves;
@@ -75,10 +82,15 @@ class SADTracker(pl.Callback):
     References, the cumulative sum, the last measured step and the full :attr:`history` are in
     ``state_dict()``, so a resumed run continues its curves exactly.
 
-    Figures (:mod:`lightning_sparse.plots`: SAD curves, per-layer density heatmap, active channels) are
+    Next to the numbers, :attr:`history` records the run and method (figure titles), the steps of mask updates
+    and channel removals and the sources' stop steps (marked in the figures), and every conv/linear layer of
+    the model with its kind (unstructured, N:M or dense) for the per-layer bar chart.
+
+    Figures (:mod:`lightning_sparse.plots`: SAD curves, per-layer density, active channels) are
     written on rank zero to ``<trainer.log_dir>/figures/*.png`` at the end of fit and every
     ``plot_every_n_epochs`` epochs (overwriting, so the files show the latest state), and logged as
-    images (keys ``figures/<name>``) to every attached ``WandbLogger``. ``fast_dev_run`` writes none.
+    images (keys ``figures/<name>``) to every attached ``WandbLogger``. Under ``fast_dev_run`` it measures
+    after every step and writes no figures.
 
     Args:
         interval: measure every ``interval`` optimizer steps (int ≥ 1).
@@ -117,6 +129,9 @@ class SADTracker(pl.Callback):
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._cumulative = 0
         self._last_step = -1
+        self._polled_step = -1
+        self._every = interval  # `interval`, or 1 under fast_dev_run
+        self._events = EventWatcher()
         self.history: dict[str, Any] = _empty_history()
 
     @staticmethod
@@ -151,15 +166,26 @@ class SADTracker(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._last_step < 0:  # fresh run (a resumed one restored its references and history)
-            self._run_measure(trainer, pl_module)
+        if not self._prev:  # fresh run: the initial masks become the references (a resumed run restored them)
+            self._run_reference(pl_module)
+        self.history["meta"] = {"run": run_label(trainer), "method": describe_method(self._sources, self.mask_fn)}
+        self._events.poll(self._sources, self._channel_sources, pl_module)  # baseline
+        self._polled_step = trainer.global_step - 1
+        smoke = fast_dev_run_step(trainer, "SADTracker", "a SAD measurement after every step")
+        self._every = self.interval if smoke is None else 1
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.interval == 0 and trainer.global_step != self._last_step:
-            self._run_measure(trainer, pl_module)
+        done = trainer.global_step - 1  # the optimizer step that just ran (and the mask updates made at it)
+        if done <= self._polled_step:  # accumulating gradients: no optimizer step in this batch
+            return
+        self._polled_step = done
+        for kind in self._events.poll(self._sources, self._channel_sources, pl_module):
+            self.history["events"].setdefault(kind, []).append(done)
+        if done % self._every == 0 and done > self._last_step:
+            self._run_measure(trainer, pl_module, done)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,7 +205,8 @@ class SADTracker(pl.Callback):
             "shapes": {k: list(v) for k, v in self._shapes.items()},
             "cumulative": self._cumulative,
             "last_step": self._last_step,
-            "history": copy.deepcopy(self.history),
+            # the run label and method are set again at every start (a resumed run may write elsewhere)
+            "history": copy.deepcopy({k: v for k, v in self.history.items() if k != "meta"}),
         }
 
     @override
@@ -189,7 +216,7 @@ class SADTracker(pl.Callback):
         self._shapes = {k: tuple(v) for k, v in state_dict["shapes"].items()}
         self._cumulative = int(state_dict["cumulative"])
         self._last_step = int(state_dict["last_step"])
-        self.history = copy.deepcopy(state_dict["history"])
+        self.history = {**_empty_history(), **copy.deepcopy(state_dict["history"])}
 
     def reference_nbytes(self) -> int:
         """Bytes held by the packed reference masks (initial + previous; shared storage counted once)."""
@@ -249,13 +276,22 @@ class SADTracker(pl.Callback):
                 raise TypeError(f"{origin} returned a mask for {name!r} that is not a torch.bool tensor: {kind}.")
         return dict(masks)
 
-    def _run_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
+    def _packed(self, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
         with torch.no_grad():
             masks = self.collect_masks(pl_module)
             packed = {n: pack_mask(m.detach()) for n, m in masks.items()}
             shapes = {n: tuple(m.shape) for n, m in masks.items()}
-            del masks
+        self.history["layers"] = layer_kinds(pl_module, self._sources, masks)
+        return packed, shapes
+
+    def _run_reference(self, pl_module: pl.LightningModule) -> None:
+        """Take the current masks as the initial and previous references (nothing recorded or logged)."""
+        packed, shapes = self._packed(pl_module)
+        self._sync_references(packed, shapes, 0)
+
+    def _run_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int | None = None) -> None:
+        step = trainer.global_step if step is None else step
+        packed, shapes = self._packed(pl_module)
         self._sync_references(packed, shapes, step)
         names = list(packed)
         counts = torch.stack(
@@ -278,7 +314,7 @@ class SADTracker(pl.Callback):
         density = {n: kept[n] / numel[n] if numel[n] else 1.0 for n in names}
         global_density = sum(kept.values()) / total if total else 1.0
         self._record(step, step_sad, vs_init, total, global_density, density, layer_sad, pl_module)
-        self._log(trainer, step_sad, vs_init, global_density, density, layer_sad)
+        self._log(trainer, step, step_sad, vs_init, global_density, density, layer_sad)
 
     def _sync_references(self, packed: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], step: int) -> None:
         """Start references for new layers; reset layers whose shape changed; drop vanished layers."""
@@ -311,6 +347,7 @@ class SADTracker(pl.Callback):
         h["sad_vs_init_norm"].append(vs_init / total if total else 0.0)
         h["cumulative"].append(self._cumulative)
         h["density"].append(global_density)
+        h["total"].append(total)
         _append_aligned(h["layer_density"], density, n_before)
         if self.per_layer:
             _append_aligned(h["layer_sad"], layer_sad, n_before)
@@ -321,7 +358,7 @@ class SADTracker(pl.Callback):
             _append_aligned(h["channels"], channels, n_before)
 
     def _log(
-        self, trainer: pl.Trainer, step_sad: int, vs_init: int, global_density: float,
+        self, trainer: pl.Trainer, step: int, step_sad: int, vs_init: int, global_density: float,
         density: dict[str, float], layer_sad: dict[str, int],
     ) -> None:
         h = self.history
@@ -339,7 +376,7 @@ class SADTracker(pl.Callback):
             metrics["sparsity/global"] = 1.0 - global_density
             if self.per_layer:
                 metrics.update({f"sparsity/{n}": 1.0 - d for n, d in density.items()})
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step=step)
 
     def _run_plots(self, trainer: pl.Trainer) -> list[Path]:
         if trainer.fast_dev_run:  # like Lightning's checkpoints and loggers: smoke runs write no files
@@ -347,6 +384,7 @@ class SADTracker(pl.Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # collective call: every rank asks
         if not trainer.is_global_zero or not self.history["step"]:
             return []
+        self.history["marks"] = schedule_marks(trainer, self._sources)
         from lightning_sparse.plots import save_figures  # matplotlib only when figures are drawn
 
         paths = save_figures(self.history, Path(log_dir) / "figures")

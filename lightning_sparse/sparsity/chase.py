@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -93,14 +93,28 @@ class ChaseSchedule:
     phase2_drop_fraction: tuple[float, float] = (0.5, 0.005)
     density: float = 0.1
 
+    SMOKE = "a channel removal with slimming and a DST update at step 1 (phase 2 on the last step from 3 steps on)"
+
     @classmethod
-    def for_training(cls, max_epochs: int, *args: Any) -> ChaseSchedule:
+    def for_training(cls, max_epochs: int, *args: Any, fast_dev_run: bool = False) -> ChaseSchedule:
         """Build the schedule (fields in order) after checking it fits ``max_epochs`` (0: no epoch limit).
+
+        With ``fast_dev_run`` the recipe is compressed into the smoke run's ``total_steps`` instead of refused:
+        "epochs" of one step, the full channel target removed at step 1, phase 2 on the last step when there
+        are 3 steps or more (then step 1 is a phase-1 update); rates unchanged.
 
         Raises:
             ValueError: ``stop_gmp_epochs`` beyond ``max_epochs`` or phase 2 as long as training.
+
+        Example:
+            >>> s = ChaseSchedule.for_training(1, 100, 3, 20, 80, 2, 0.4, fast_dev_run=True)
+            >>> [s.is_channel_step(t) for t in range(3)], s.channel_target(1), [s.in_phase2(t) for t in (1, 2)]
+            ([False, True, False], 0.4, [False, True])
         """
         schedule = cls(*args)
+        if fast_dev_run:
+            return replace(schedule, steps_per_epoch=1, stop_dst_epochs=1 if schedule.total_steps >= 3 else 0,
+                           stop_gmp_epochs=1, channel_interval_epochs=1)
         if max_epochs > 0 and (schedule.stop_gmp_epochs > max_epochs or schedule.stop_dst_epochs >= max_epochs):
             raise ValueError(
                 f"Chase schedule does not fit max_epochs={max_epochs}: stop_gmp_epochs={schedule.stop_gmp_epochs} "
