@@ -139,8 +139,7 @@ class Chase(pl.Callback):
         self.groups: dict[str, ChannelGroup] = {}
         self.arch: dict[str, dict[str, int]] | None = None  # channel config after slimming
         self.schedule: ChaseSchedule | None = None
-        self.dense_flops, self.flops_ratio = 0, 1.0
-        self.pending_slim = False
+        self.dense_flops, self.flops_ratio, self.pending_slim = 0, 1.0, False
         self._example: torch.Tensor | None = None
 
     @property
