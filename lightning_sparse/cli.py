@@ -1,6 +1,8 @@
 """The LightningCLI used by ``train.py``.
 
 Adds to Lightning's CLI:
+- ``sparsity``: the sparsity method's callback as its own section (``--sparsity.density=0.05``); it is put
+  first in the Trainer's callbacks, before ``trainer.callbacks`` (SADTracker, Timer, ...);
 - ``model`` and ``data`` take any LightningModule / LightningDataModule by ``class_path``
   (:class:`~lightning_sparse.models.ImageClassifier` and :mod:`lightning_sparse.data` in our configs);
 - ``data.num_classes`` / ``data.in_chans`` are linked into the model, so configs state them once;
@@ -11,12 +13,15 @@ Adds to Lightning's CLI:
   ``--ckpt_path last`` resumes from the newest readable one across run versions;
 - ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
   ``runs/<run_name>/``;
-- running without a subcommand does ``fit`` and then ``test`` on the best checkpoint.
+- running without a subcommand does ``fit`` and then ``test`` on the best checkpoint;
+- a bad value, at the command line or in YAML, whatever class it belongs to, ends the run with one line
+  naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli_errors`).
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,8 +33,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lightning_sparse.cli_errors import condense, instances_of, located_error, trainer_error
 
 from lightning_sparse.loggers import WandbLogger
 from lightning_sparse.preemption import (
@@ -45,9 +52,34 @@ __all__ = ["SparseCLI", "main"]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
 test (on the best checkpoint). Find options: `train.py fit --model.help lightning_sparse.models.ImageClassifier`,
-`train.py fit --trainer.callbacks.help lightning_sparse.callbacks.DynamicSparsity`,
+`train.py fit --sparsity.help lightning_sparse.callbacks.DynamicSparsity` (set one with `--sparsity.density=0.05`),
 `train.py fit --config <yaml> --print_config`. Resume: `train.py fit --config <yaml> --ckpt_path last`."""
 RUNS_DIR = "runs"
+
+
+class BadValue(SystemExit):
+    """Exit code 2 after one printed line (the CLI's usage-error code, as jsonargparse uses)."""
+
+
+def _debug() -> bool:
+    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
+
+
+def fail(prog: str, line: str) -> BadValue:
+    """Print ``<prog>: error: <line>`` on stderr and return the exit-code-2 exception to raise."""
+    sys.stderr.write(f"{prog.replace(' [options]', '')}: error: {line}\n")
+    sys.stderr.flush()
+    return BadValue(2)
+
+
+class SparseArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose usage errors are one line (``--help`` still lists every option)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        if not self.exit_on_error or _debug():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise fail(parser.prog, f"{condense(message)} (options: {parser.prog.replace(' [options]', '')} --help)")
 
 
 class SparseCLI(LightningCLI):
@@ -59,7 +91,30 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", SparseArgumentParser)
         super().__init__(*args, **kwargs)
+
+    @property
+    def prog(self) -> str:
+        return f"train.py {self.subcommand}" if self.subcommand else "train.py"
+
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def bad_value(self, err: BaseException) -> BadValue | None:
+        """The one-line exit for an input error a configured object raised (None: not one; ``JSONARGPARSE_DEBUG``)."""
+        if _debug():
+            return None
+        init = getattr(self, "config_init", None)
+        instances = instances_of(init[self.subcommand] if init is not None and self.subcommand else init)
+        line = located_error(err, self._subconfig(), instances)
+        return fail(self.prog, line) if line else None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+            raise (self.bad_value(err) or err) from None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", HELP)
@@ -70,7 +125,12 @@ class SparseCLI(LightningCLI):
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if sub and self.config[sub].get("ckpt_path"):
-            self._resolve_ckpt_path(self.config[sub])
+            try:
+                self._resolve_ckpt_path(self.config[sub])
+            except (ValueError, FileNotFoundError) as err:
+                if _debug():
+                    raise
+                raise fail(f"train.py {sub}", str(err)) from None
 
     def _resolve_ckpt_path(self, cfg: Any) -> None:
         """``last``: the newest readable ``last*.ckpt`` / ``interrupted-*.ckpt`` / ``hpc_ckpt_*.ckpt`` of the run
@@ -85,6 +145,8 @@ class SparseCLI(LightningCLI):
                                         f"(run_name={cfg.run_name!r}).")
             cfg.ckpt_path = str(found)
             rank_zero_info(f"Resuming from {cfg.ckpt_path}")
+        elif path not in ("best", "hpc") and "://" not in str(path) and not Path(path).is_file():
+            raise FileNotFoundError(f"--ckpt_path={path!r}: no such file. Pass a .ckpt file, or 'last' / 'best'.")
         elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
             raise ValueError(
                 f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
@@ -105,6 +167,10 @@ class SparseCLI(LightningCLI):
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+        # the sparsity method's callback as a named section: --sparsity.density=0.05 (other callbacks stay in
+        # trainer.callbacks, which still takes mask callbacks too, e.g. a second one composed with the first)
+        parser.add_subclass_arguments(pl.Callback, "sparsity", required=False, fail_untyped=False,
+                                      help="The sparsity method's callback (DynamicSparsity, Chase, NMSparsity, ...).")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
@@ -135,10 +201,17 @@ class SparseCLI(LightningCLI):
         plugins = _as_list(cfg.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
-        callbacks = _as_list(cfg.get("callbacks"))
+        sparsity = self._section("sparsity")  # the method's callback first: it owns the masks the others read
+        callbacks = [*([sparsity] if sparsity is not None else []), *_as_list(cfg.get("callbacks"))]
         if cfg.get("enable_checkpointing") is not False and not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, PreemptionCheckpoint()])
-        return super().instantiate_trainer(**kwargs)
+            callbacks.append(PreemptionCheckpoint())
+        kwargs.setdefault("callbacks", callbacks)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            if _debug():
+                raise
+            raise fail(self.prog, trainer_error(err, {**dict(cfg), **kwargs})) from None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -157,6 +230,7 @@ def main(args: list[str] | None = None) -> SparseCLI:
     """Entry point of ``train.py``. Without a subcommand: ``fit`` then ``test`` on the best checkpoint."""
     argv = list(sys.argv[1:] if args is None else args)
     cli_args = None if args is None else argv  # None: LightningCLI reads sys.argv itself
+    cli = None
     try:
         if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
             return SparseCLI(args=cli_args)
@@ -165,11 +239,28 @@ def main(args: list[str] | None = None) -> SparseCLI:
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         return cli
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:  # raised by a configured object's hook
+        cli = cli or _cli_of(err)
+        exit_ = cli.bad_value(err) if cli is not None and getattr(cli, "config_init", None) is not None else None
+        if exit_ is None:
+            raise
+        raise exit_ from None
     except SIGTERMException:
         # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         _finish_wandb()
+
+
+def _cli_of(err: BaseException) -> SparseCLI | None:
+    """The SparseCLI whose ``__init__`` (running a subcommand) raised ``err``."""
+    tb = err.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, SparseCLI):
+            return obj
+        tb = tb.tb_next
+    return None
 
 
 def _test_checkpoint(trainer: Trainer) -> str | None:
