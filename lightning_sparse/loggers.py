@@ -38,3 +38,5 @@ class WandbLogger(_PLWandbLogger):
     def __init__(self, mode: WandbMode | None = None, **kwargs: Any) -> None:
         kwargs.pop("offline", None)
         super().__init__(offline=False, mode=resolve_wandb_mode(mode), **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning always passes it; wandb >= 0.19 warns about it
+            self._wandb_init.pop("anonymous", None)
