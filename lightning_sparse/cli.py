@@ -124,9 +124,9 @@ class SparseCLI(LightningCLI):
             if example is not None:
                 self.model.example_input_array = example
 
-    def print_summary(self) -> None:
+    def print_summary(self, fitted: bool = True) -> None:
         """The end-of-run summary (rank zero; :mod:`lightning_sparse.run_summary`)."""
-        lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None))
+        lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None), fitted)
         title = self.prog if self.subcommand else "train.py (fit, then test)"
         _print_rank_zero("\n".join(["", f"---- {title}: summary", *lines]))
 
@@ -134,10 +134,10 @@ class SparseCLI(LightningCLI):
         self.print_summary()
 
     def after_validate(self) -> None:
-        self.print_summary()
+        self.print_summary(fitted=False)
 
     def after_test(self) -> None:
-        self.print_summary()
+        self.print_summary(fitted=False)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", HELP)
@@ -264,12 +264,12 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         try:
             trainer = super().instantiate_trainer(**kwargs)
-            self._record(trainer)
-            return trainer
         except (ValueError, TypeError, MisconfigurationException) as err:
             if _debug():
                 raise
             raise fail(self.prog, trainer_error(err, {**dict(cfg), **kwargs})) from None
+        self._record(trainer)
+        return trainer
 
 
     def _evaluated_run(self) -> Path | None:
@@ -290,8 +290,8 @@ class SparseCLI(LightningCLI):
             return Namespace(class_path=f"{type(obj).__module__}.{type(obj).__name__}", init_args=Namespace(**init_args))
 
         if cfg.get("logger") in (None, True) and trainer.loggers:
-            cfg.logger = [entry(lg, **getattr(lg, "_init_record", {})) for lg in trainer.loggers
-                          if hasattr(lg, "_init_record")] or cfg.logger
+            records = [(lg, vars(lg).get("_init_record")) for lg in trainer.loggers]
+            cfg.logger = [entry(lg, **rec) for lg, rec in records if isinstance(rec, dict)] or cfg.logger
         added = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
         if added and not any("PreemptionCheckpoint" in str(getattr(c, "class_path", "")) for c in _as_list(cfg.get("callbacks"))):
             cfg.callbacks = [*_as_list(cfg.get("callbacks")), entry(added[0])]
@@ -334,7 +334,6 @@ def main(args: list[str] | None = None) -> SparseCLI:
     argv = list(sys.argv[1:] if args is None else args)
     cli_args = None if args is None else argv  # None: LightningCLI reads sys.argv itself
     silence_known_warnings()
-    os.environ.setdefault("WANDB_SILENT", "true")  # the run summary names the W&B folder and its sync command
     cli = None
     try:
         if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):

@@ -96,8 +96,9 @@ def _fmt_flops(flops: int) -> str:
     return f"{flops} FLOPs"
 
 
-def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor | None) -> list[str]:
-    """The end-of-run summary of ``train.py`` (see module docstring)."""
+def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor | None, fitted: bool = True) -> list[str]:
+    """The end-of-run summary of ``train.py`` (see module docstring); ``fitted``: this run trained (lists the
+    checkpoints it wrote), else it evaluated ``trainer.ckpt_path``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     lines = []
@@ -110,10 +111,10 @@ def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor |
         path = cb.last_model_path or (Path(cb.dirpath or "") / f"{cb.filename}{cb.FILE_EXTENSION}" if not cb.monitor else "")
         if path and Path(path).is_file():
             last = str(path)
-    if trainer.state.fn != "fit" and trainer.ckpt_path:
-        lines.append(f"checkpoint:      {trainer.ckpt_path}")
-    elif best or last:
+    if fitted and (best or last):
         lines.append(f"checkpoints:     best {best or '-'} | last {last or '-'}")
+    if trainer.state.fn != "fit" and trainer.ckpt_path:
+        lines.append(f"evaluated:       {trainer.ckpt_path}")
     figures = Path(trainer.log_dir or "") / "figures"
     if trainer.log_dir and figures.is_dir() and any(figures.iterdir()):
         lines.append(f"figures:         {figures}")

@@ -24,15 +24,16 @@ FAST = [
 ]
 
 
-def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, monkeypatch):
+def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     cli = main(["--config", str(ROOT / "configs/quickstart.yaml"), *FAST])
     run_dir = tmp_path / "runs" / "quickstart"
-    ckpts = sorted(p.name for p in run_dir.glob("version_0/checkpoints/*.ckpt"))
+    version = run_dir / "version_0"
+    ckpts = sorted(p.name for p in version.glob("checkpoints/*.ckpt"))
     assert "last.ckpt" in ckpts and any(c.startswith("best-") for c in ckpts)
-    assert (run_dir / "version_0" / "config.yaml").is_file()
-    metrics = (run_dir / "version_0" / "metrics.csv").read_text()
+    assert (version / "config.yaml").is_file()
+    metrics = (version / "metrics.csv").read_text()
     for key in ("train/loss", "val/acc", "test/acc", "lr"):
         assert key in metrics
     from pytorch_lightning.loggers import WandbLogger
@@ -40,18 +41,76 @@ def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, 
     for logger in cli.trainer.loggers:  # the offline writer is its own process: finish the run before reading
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
-    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the W&B run lives inside the run version it belongs to, and is named after it
+    offline = list(version.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and b"val/acc" in offline[0].read_bytes()
+    assert b"quickstart/version_0" in offline[0].read_bytes()
+    assert not (run_dir / "wandb").exists()
     assert cli.trainer.callback_metrics["test/acc"] >= 0.0
 
+    # the end-of-run summary, checked against the files and metrics.csv
+    out = capfd.readouterr().out
+    summary = out[out.index("summary"):]
+    rows = dict(line.split(":", 1) for line in summary.splitlines()[1:] if ":" in line)
+    assert rows["run directory"].strip() == "runs/quickstart/version_0"
+    best = next(version.glob("checkpoints/best-*.ckpt"))
+    assert f"best runs/quickstart/version_0/checkpoints/{best.name}" in rows["checkpoints"]
+    assert "last runs/quickstart/version_0/checkpoints/last.ckpt" in rows["checkpoints"]
+    sync = rows["W&B (offline)"].split("wandb sync ")[1].strip()
+    assert (tmp_path / sync).is_dir() and (tmp_path / sync) == offline[0].parent
+    import csv
 
-def test_fit_subcommand_and_validate_from_checkpoint(tmp_path, monkeypatch):
+    test_acc = [float(r["test/acc"]) for r in csv.DictReader((version / "metrics.csv").open()) if r.get("test/acc")]
+    assert rows["accuracy"].strip() == f"test/acc {test_acc[-1]:.4f}"
+    assert "0.0000 sparse" in rows["weights"] and "FLOPs" in rows["weights"]
+
+    # config.yaml records what ran: the two default loggers and the preemption callback the CLI added
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    loggers = {lg["class_path"].rpartition(".")[2]: lg["init_args"] for lg in saved["trainer"]["logger"]}
+    assert loggers["CSVLogger"]["version"] == 0 and loggers["WandbLogger"]["save_dir"] == "runs/quickstart/version_0"
+    assert [c["class_path"] for c in saved["trainer"]["callbacks"]] == ["lightning_sparse.preemption.PreemptionCheckpoint"]
+
+
+def test_model_summary_flops_come_from_the_flop_counter(tmp_path, monkeypatch):
+    """The CLI gives the model an example batch, so Lightning's summary counts FLOPs (was 0)."""
+    from pytorch_lightning.utilities.model_summary import ModelSummary
+    from torch.utils.flop_counter import FlopCounterMode
+
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[:2], *FAST[5:]])
-    last = tmp_path / "runs/quickstart/version_0/checkpoints/last.ckpt"
-    assert last.is_file()
-    cli = main(["validate", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[2:4], *FAST[5:], f"--ckpt_path={last}"])
-    assert "val/acc" in cli.trainer.callback_metrics
+    cli = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[:2], *FAST[5:],
+                "--trainer.logger=false", "--trainer.limit_val_batches=0"])
+    x = cli.model.example_input_array
+    assert tuple(x.shape) == (1, 1, 16, 16)
+    cli.model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        cli.model(x)
+    assert counter.get_total_flops() > 0 and ModelSummary(cli.model).total_flops == counter.get_total_flops()
+
+
+def test_ckpt_path_best_and_evaluation_write_into_the_run(tmp_path, monkeypatch, capfd):
+    """``test --ckpt_path best`` resolves to the run's best checkpoint (as ``last`` does) and writes its results
+    into that run (``version_0/test/version_0``), leaving the run's own metrics.csv and config.yaml alone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[:2], *FAST[5:], "--trainer.max_epochs=2"])
+    version = tmp_path / "runs/quickstart/version_0"
+    fit_files = {n: (version / n).read_bytes() for n in ("metrics.csv", "config.yaml")}
+    import torch as _torch
+
+    last = _torch.load(version / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    (best_state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint") and "val/acc" in k]
+    capfd.readouterr()
+    cli = main(["test", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[3:4], *FAST[5:], "--ckpt_path=best"])
+    assert Path(cli.trainer.ckpt_path).resolve() == Path(best_state["best_model_path"]).resolve()
+    assert (version / "test/version_0/metrics.csv").is_file() and "test/acc" in (version / "test/version_0/metrics.csv").read_text()
+    assert list(version.glob("test/version_0/wandb/offline-run-*"))
+    assert not (tmp_path / "runs/quickstart/version_1").exists()
+    assert {n: (version / n).read_bytes() for n in fit_files} == fit_files
+    out = capfd.readouterr()
+    assert "runs/quickstart/version_0/test/version_0" in out.out + out.err
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--config", str(ROOT / "configs/quickstart.yaml"), "--run_name=nothing_here", "--ckpt_path=best"])
+    assert exc.value.code == 2 and "--ckpt_path=best" in capfd.readouterr().err
 
 
 def test_debug_config_runs_from_the_command_line(tmp_path):
@@ -62,6 +121,8 @@ def test_debug_config_runs_from_the_command_line(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/acc" in out.stdout
+    for noise in ("💡 Tip", "LeafSpec", "anonymous setting", "was deprecated in v4", "multiple `ModelCheckpoint`"):
+        assert noise not in out.stderr + out.stdout, noise
 
 
 def test_print_config_resolves_defaults(tmp_path, monkeypatch, capsys):
