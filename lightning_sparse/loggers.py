@@ -27,7 +27,7 @@ def resolve_wandb_mode(mode: str | None) -> str:
 class WandbLogger(_PLWandbLogger):
     """Lightning's ``WandbLogger`` that runs **offline by default**.
 
-    Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them later with
+    Offline runs land in ``<save_dir>/wandb/offline-run-*`` (``train.py``: ``runs/<name>/version_N/wandb``); upload with
     ``wandb sync <save_dir>/wandb/offline-run-*``. Set ``mode: online`` (or ``WANDB_MODE=online``) to
     stream live; ``disabled`` turns W&B off.
 
