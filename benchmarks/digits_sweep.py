@@ -50,11 +50,11 @@ def plan(methods: list[str], densities: list[float], nm: list[str], seeds: list[
             if method == "dense":
                 settings = [("dense", [])]
             elif method in UNSTRUCTURED:
-                settings = [(f"d{d:g}", [f"--trainer.callbacks.init_args.density={d}",
-                                         f"--trainer.callbacks.init_args.seed={seed}"]) for d in densities]
+                settings = [(f"d{d:g}", [f"--sparsity.density={d}",
+                                         f"--sparsity.seed={seed}"]) for d in densities]
             else:
-                settings = [(f"{_nm(p)[0]}to{_nm(p)[1]}", [f"--trainer.callbacks.init_args.n={_nm(p)[0]}",
-                                                     f"--trainer.callbacks.init_args.m={_nm(p)[1]}"]) for p in nm]
+                settings = [(f"{_nm(p)[0]}to{_nm(p)[1]}", [f"--sparsity.n={_nm(p)[0]}",
+                                                     f"--sparsity.m={_nm(p)[1]}"]) for p in nm]
             for tag, extra in settings:
                 name = f"sweep_{method}_{tag}_s{seed}" if method != "dense" else f"sweep_dense_s{seed}"
                 runs.append((name, [*base, *extra, f"--run_name={name}"]))

@@ -6,6 +6,7 @@ import os
 from typing import Any, Literal
 
 from pytorch_lightning.loggers import WandbLogger as _PLWandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 __all__ = ["WandbLogger", "resolve_wandb_mode"]
 
@@ -26,7 +27,7 @@ def resolve_wandb_mode(mode: str | None) -> str:
 class WandbLogger(_PLWandbLogger):
     """Lightning's ``WandbLogger`` that runs **offline by default**.
 
-    Offline runs land in ``<save_dir>/wandb/offline-run-*``; upload them later with
+    Offline runs land in ``<save_dir>/wandb/offline-run-*`` (``train.py``: ``runs/<name>/version_N/wandb``); upload with
     ``wandb sync <save_dir>/wandb/offline-run-*``. Set ``mode: online`` (or ``WANDB_MODE=online``) to
     stream live; ``disabled`` turns W&B off.
 
@@ -38,3 +39,12 @@ class WandbLogger(_PLWandbLogger):
     def __init__(self, mode: WandbMode | None = None, **kwargs: Any) -> None:
         kwargs.pop("offline", None)
         super().__init__(offline=False, mode=resolve_wandb_mode(mode), **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning always passes it; wandb >= 0.19 warns about it
+            self._wandb_init.pop("anonymous", None)
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run; its ``save_dir`` is created first (on rank zero, when the run starts, not before)."""
+        if self._experiment is None and self._save_dir and rank_zero_only.rank == 0:
+            os.makedirs(self._save_dir, exist_ok=True)  # wandb warns "git root ... does not exist" otherwise
+        return super().experiment

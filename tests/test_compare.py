@@ -26,12 +26,12 @@ TINY = [
 # name -> (method file, extra overrides); the method callback is the last one, so init_args overrides reach it
 RUNS = {
     "rigl": ("rigl.yaml", ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
-                           "--trainer.callbacks.init_args.density=0.2", "--trainer.callbacks.init_args.update_interval=2"]),
-    "chase": ("chase.yaml", ["--trainer.max_epochs=2", "--trainer.callbacks.init_args.stop_gmp_epochs=2",
-                             "--trainer.callbacks.init_args.stop_dst_epochs=1",
-                             "--trainer.callbacks.init_args.update_interval=2",
-                             "--trainer.callbacks.init_args.density=0.3"]),
-    "nm": ("srste.yaml", ["--trainer.max_epochs=1", "--trainer.callbacks.init_args.n=1", "--trainer.callbacks.init_args.m=8"]),
+                           "--sparsity.density=0.2", "--sparsity.update_interval=2"]),
+    "chase": ("chase.yaml", ["--trainer.max_epochs=2", "--sparsity.stop_gmp_epochs=2",
+                             "--sparsity.stop_dst_epochs=1",
+                             "--sparsity.update_interval=2",
+                             "--sparsity.density=0.3"]),
+    "nm": ("srste.yaml", ["--trainer.max_epochs=1", "--sparsity.n=1", "--sparsity.m=8"]),
 }
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -39,8 +39,9 @@ def _resolved(name: str, capsys) -> dict:
 
 
 def _callback(cfg: dict) -> dict:
-    (cb,) = cfg["trainer"]["callbacks"]
-    return cb["init_args"]
+    """The sparsity method's arguments (the ``sparsity`` section; no other callback in these configs)."""
+    assert not cfg["trainer"]["callbacks"]
+    return cfg["sparsity"]["init_args"]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -74,7 +75,7 @@ def test_dense_baseline_uses_the_chase_recipe(capsys):
     assert dense["seed_everything"] == chase["seed_everything"]
     for key in ("max_epochs", "devices", "strategy", "precision"):
         assert dense["trainer"][key] == chase["trainer"][key], key
-    assert dense["trainer"]["callbacks"] is None
+    assert dense["trainer"]["callbacks"] is None and dense["sparsity"] is None
 
 
 def _one_batch(model_cfg: dict, image_size: int = 32) -> tuple[ImageClassifier, DataLoader]:
@@ -119,8 +120,8 @@ def test_rigl_recipe_and_coverage(capsys):
 def test_srste_files_hold_only_what_differs():
     for tag, (n, m) in SRSTE.items():
         cfg = yaml.safe_load((ROOT / "configs" / f"imagenet_resnet50_srste_{tag}.yaml").read_text())
-        assert cfg == {"run_name": f"imagenet_resnet50_srste_{tag}", "trainer": {"callbacks": [
-            {"class_path": "lightning_sparse.callbacks.NMSparsity", "init_args": {"n": n, "m": m}}]}}
+        assert cfg == {"run_name": f"imagenet_resnet50_srste_{tag}", "sparsity": {
+            "class_path": "lightning_sparse.callbacks.NMSparsity", "init_args": {"n": n, "m": m}}}
 
 
 @pytest.mark.parametrize("tag", list(SRSTE))

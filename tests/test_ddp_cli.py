@@ -26,7 +26,7 @@ def test_ddp_cli_masks_equal_across_ranks(tmp_path, config):
     cfg = yaml.safe_load((ROOT / "configs" / config).read_text())
     cfg["trainer"].update(max_epochs=3, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2,
                           enable_progress_bar=False, enable_model_summary=False, deterministic=False)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(SMALL.get(config, {}))
+    cfg["sparsity"]["init_args"].update(SMALL.get(config, {}))
     cfg["trainer"]["callbacks"].append({"class_path": "helpers.dump_masks.DumpMasks",
                                         "init_args": {"out_dir": str(tmp_path / "masks")}})
     cfg["model"]["init_args"]["model_name"] = "resnet10t"

@@ -213,3 +213,24 @@ def test_ddp_two_processes_keep_identical_masks(tmp_path, method):
 
     states = ddp_masks(method, tmp_path)
     assert_equal_across_ranks(states)
+
+
+def test_exclude_of_a_weight_the_first_last_rule_keeps_dense_is_a_noop_with_an_info_line(caplog):
+    """``exclude=["*.fc.weight"]`` on a classifier whose fc is the (dense) last layer: same selection, one note."""
+    import logging
+
+    from torch import nn
+
+    net = nn.Sequential()
+    net.add_module("stem", nn.Conv2d(3, 4, 3))
+    net.add_module("body", nn.Conv2d(4, 4, 3))
+    net.add_module("fc", nn.Linear(4, 2))
+    with caplog.at_level(logging.INFO, logger="lightning_sparse.sparsity.targets"):
+        plain, excluded = select_targets(net), select_targets(net, exclude=["*fc.weight"], owner="DynamicSparsity")
+    assert plain.names == excluded.names == ["body.weight"] and not plain.notes
+    assert len(excluded.notes) == 1 and "['*fc.weight']" in excluded.notes[0] and "fc.weight" in excluded.describe()
+    assert [r.getMessage() for r in caplog.records] == excluded.notes
+    # with the first/last rule off the same pattern excludes for real, and one matching nothing is still an error
+    assert select_targets(net, exclude=["*fc.weight"], first_last=False).names == ["stem.weight", "body.weight"]
+    with pytest.raises(ValueError, match=r"`exclude` pattern\(s\) \['\*head\*'\] match no weight"):
+        select_targets(net, exclude=["*head*"])

@@ -40,7 +40,7 @@ def _config(tmp_path: Path, name: str, extra_callbacks: list[dict], tag: str, **
     cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
     cfg["trainer"].update(max_epochs=EPOCHS, limit_train_batches=BATCHES, limit_val_batches=2, limit_test_batches=2,
                           log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, **trainer)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(OVERRIDES[name])
+    cfg["sparsity"]["init_args"].update(OVERRIDES[name])
     cfg["trainer"]["callbacks"] += extra_callbacks
     cfg["model"]["init_args"]["model_name"] = "resnet10t"
     cfg["data"]["init_args"].update(image_size=16, batch_size=32)

@@ -31,7 +31,7 @@ def _config(tmp_path: Path, name: str, kill_step: int | None) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
     cfg["trainer"].update(max_epochs=3, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2,
                           log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False)
-    cfg["trainer"]["callbacks"][0]["init_args"].update(OVERRIDES[name])
+    cfg["sparsity"]["init_args"].update(OVERRIDES[name])
     if kill_step is not None:
         cfg["trainer"]["callbacks"].append({"class_path": "helpers.kill.KillAt", "init_args": {"step": kill_step}})
     cfg["model"]["init_args"]["model_name"] = "resnet10t"

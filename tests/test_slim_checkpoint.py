@@ -268,8 +268,8 @@ def test_train_py_stages_on_the_quickstart_chase_checkpoint(tmp_path, monkeypatc
     cfg = yaml.safe_load((root / "configs/quickstart_chase.yaml").read_text())
     cfg["trainer"].update(max_epochs=2, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2,
                           enable_progress_bar=False, enable_model_summary=False, logger=False)
-    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # Chase only
-    cfg["trainer"]["callbacks"][0]["init_args"].update(update_interval=2, stop_gmp_epochs=2, stop_dst_epochs=1)
+    cfg["trainer"].pop("callbacks")  # Chase (the sparsity section) only
+    cfg["sparsity"]["init_args"].update(update_interval=2, stop_gmp_epochs=2, stop_dst_epochs=1)
     cfg["model"]["init_args"]["model_name"] = "resnet10t"
     cfg["data"]["init_args"].update(image_size=16, batch_size=32)
     config = tmp_path / "chase.yaml"

@@ -137,6 +137,8 @@ class DynamicSparsity(pl.Callback):
         selection = select_targets(pl_module, self.include, self.exclude, first_last=not self.sparse_first_last,
                                    owner=type(self).__name__)
         self._excluded = selection.excluded_first_last
+        for note in selection.notes:
+            rank_zero_info(note)
         return selection.names
 
     def current_masks(self, pl_module: pl.LightningModule) -> Masks:

@@ -112,8 +112,11 @@ def read_run(path: Path) -> Run:
 
 
 def callbacks_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The callbacks a run's config names: its ``sparsity`` section first, then ``trainer.callbacks``."""
     cbs = (config.get("trainer") or {}).get("callbacks") or []
-    return [cbs] if isinstance(cbs, dict) else [c for c in cbs if isinstance(c, dict)]
+    cbs = [cbs] if isinstance(cbs, dict) else [c for c in cbs if isinstance(c, dict)]
+    sparsity = config.get("sparsity")
+    return [sparsity, *cbs] if isinstance(sparsity, dict) else cbs
 
 
 def _changes_architecture(config: dict[str, Any]) -> bool:

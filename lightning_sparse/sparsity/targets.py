@@ -8,7 +8,8 @@ embeddings, class tokens and norms are not candidates by default; an ``include``
 other Parameter with >= 2 dims (e.g. ``"*embed*"``) where that makes sense for the method.
 
 Patterns are fnmatch patterns over ``named_parameters()`` names (``*`` also matches dots). A pattern
-that matches nothing is an error naming it and listing candidates.
+that matches nothing is an error naming it and listing candidates; an ``exclude`` pattern that matches only
+weights the first/last rule already keeps dense changes nothing and is reported in an info line.
 
 Example:
     >>> from torch import nn
@@ -24,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +35,7 @@ __all__ = ["MATMUL_MODULES", "candidate_weights", "select_targets", "Selection"]
 
 MATMUL_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_log = logging.getLogger(__name__)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -56,13 +59,14 @@ class Selection:
 
     names: list[str]
     excluded_first_last: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        """One line for the log: how many weights, and the ones the first/last rule kept dense."""
+        """One line for the log: how many weights, the ones the first/last rule kept dense, and notes."""
         text = f"{len(self.names)} weights"
         if self.excluded_first_last:
             text += f" (kept dense as first/last: {', '.join(self.excluded_first_last)})"
-        return text
+        return "; ".join([text, *self.notes])
 
 
 def _shown(names: Sequence[str], limit: int = 8) -> str:
@@ -88,6 +92,9 @@ def select_targets(
             for timm CNNs the stem conv and the classifier) dense when there are more than two.
         owner: the callback's name, for messages.
 
+    An ``exclude`` pattern that matches only the weights the first/last rule keeps dense is a no-op; the
+    returned :class:`Selection` says so in ``notes`` (also logged at INFO).
+
     Raises:
         ValueError: no candidate at all, or an include/exclude pattern that matches no parameter.
     """
@@ -112,4 +119,10 @@ def select_targets(
     else:
         names = list(candidates)
     names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude or [])]
-    return Selection(names, excluded)
+    notes = []
+    redundant = [p for p in exclude or [] if set(fnmatch.filter(matrices, p)) <= set(excluded)]
+    if redundant:  # e.g. exclude=["*.fc.weight"] while the classifier is already the dense last layer
+        notes.append(f"{owner}: `exclude` pattern(s) {redundant} match only weights the first/last rule already "
+                     f"keeps dense ({_shown(excluded)}); nothing more is excluded")
+        _log.info(notes[-1])
+    return Selection(names, excluded, notes)
