@@ -1,4 +1,4 @@
-"""Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase, N:M SR-STE and vanilla STE.
+"""Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase (plain and prune skip), N:M SR-STE, STE.
 
     PYTHONPATH=. python benchmarks/digits_sweep.py                       # the full sweep (README figures)
     PYTHONPATH=. python benchmarks/digits_sweep.py --densities [0.01] --nm [1to8] --seeds [0,1] --out /tmp/reduced   # reduced
@@ -31,10 +31,10 @@ from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "configs" / "sweep"
-UNSTRUCTURED = ("set", "rigl", "chase")
+UNSTRUCTURED = ("set", "rigl", "chase", "chase_residual")
 NM = ("srste", "ste")
 METHODS = ("dense", *UNSTRUCTURED, *NM)
-PAIRS = (("rigl", "set"), ("srste", "ste"), ("chase", "rigl"))
+PAIRS = (("rigl", "set"), ("srste", "ste"), ("chase", "rigl"), ("chase_residual", "chase"))
 
 
 def plan(methods: list[str], densities: list[float], nm: list[str], seeds: list[int]) -> list[tuple[str, list[str]]]:

@@ -173,7 +173,7 @@ def describe_method(config: dict[str, Any]) -> dict[str, Any]:
             labels.append({"gradient": "RigL", "random": "SET"}.get(args.get("growth", "gradient"), f"DST-{args.get('growth')}"))
             out["density"] = args.get("density", 0.1)
         elif cls == "Chase":
-            labels.append("Chase")
+            labels.append("Chase (prune skip)" if args.get("residual_channels") else "Chase")
             out["density"], out["S_c"] = args.get("density", 0.1), args.get("channel_sparsity", 0.4)
             out["mode"] = f"slim:{args.get('slim', 'during')}"
         elif cls == "NMSparsity":
