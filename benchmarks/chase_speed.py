@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--density", type=float, default=0.1, help="ERK mask density D")
     p.add_argument("--score", default="umm", choices=["umm", "maskwise"])
     p.add_argument("--schedule-steps", type=int, default=8)
-    p.add_argument("--round-to", type=int, default=None)
+    p.add_argument("--round-to", type=int, default=8,
+                   help="keep slim channel counts multiples of this (onnxruntime's blocked conv layout wants 8); 0 = exact")
     p.add_argument("--runtime", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--per-layer", action="store_true", help="also print the per-conv profile (always when a goal is missed)")
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-size", type=int, default=32, help="image size for --checkpoint")
     p.add_argument("--seed", type=int, default=17)
     args = p.parse_args(argv)
+    args.round_to = args.round_to or None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -218,14 +219,16 @@ def test_last_falls_back_to_previous_good_checkpoint_with_one_warning(tmp_path, 
     assert find_last_checkpoint([new], warn=warnings.append) is None
 
 
-def test_cli_ckpt_path_last_resolves_newest_readable_across_versions(tmp_path, monkeypatch):
+def test_cli_ckpt_path_last_resolves_newest_readable_across_versions(tmp_path, monkeypatch, capsys):
     from lightning_sparse.cli import SparseCLI
 
     monkeypatch.chdir(tmp_path)
     root = Path(__file__).resolve().parents[1]
     args = ["fit", "--config", str(root / "configs" / "debug.yaml"), "--ckpt_path", "last"]
-    with pytest.raises(FileNotFoundError, match=r"--ckpt_path=last: no readable checkpoint matches .*runs/debug/"):
+    with pytest.raises(SystemExit) as exc:  # one line on stderr, exit code 2
         SparseCLI(args=args)
+    assert exc.value.code == 2
+    assert re.search(r"--ckpt_path=last: no readable checkpoint matches .*runs/debug/", capsys.readouterr().err)
     io = AtomicCheckpointIO()
     good = tmp_path / "runs/debug/version_0/checkpoints/last.ckpt"
     io.save_checkpoint({"state_dict": {}}, good)

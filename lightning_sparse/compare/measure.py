@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.compare.runs import Run
+from lightning_sparse.semi_structured.timing import interleaved_times
 from lightning_sparse.slim import apply_channel_config, channel_config, count_flops
 from lightning_sparse.sparsity.nm import bake_nm
 
@@ -185,22 +184,12 @@ def time_interleaved(models: list[nn.Module], input_shapes: list[tuple[int, ...]
     if reps < 1 or batch_size < 1:
         raise ValueError(f"reps and batch_size must be >= 1, got reps={reps}, batch_size={batch_size}.")
     g = torch.Generator().manual_seed(0)
-    xs = [(torch.randn(1, *s, generator=g), torch.randn(batch_size, *s, generator=g)) for s in input_shapes]
-    lat: list[list[float]] = [[] for _ in models]
-    thr: list[list[float]] = [[] for _ in models]
+    fns = []
+    for model, shape in zip(models, input_shapes):
+        x1, xb = torch.randn(1, *shape, generator=g), torch.randn(batch_size, *shape, generator=g)
+        model.eval()
+        fns += [lambda m=model, x=x1: m(x), lambda m=model, x=xb: m(x)]
     with torch.inference_mode():
-        for model, (x1, xb) in zip(models, xs):
-            model.eval()
-            for _ in range(warmup):
-                model(x1), model(xb)
-        for _ in range(reps):
-            for i, (model, (x1, xb)) in enumerate(zip(models, xs)):
-                t0 = time.perf_counter()
-                model(x1)
-                t1 = time.perf_counter()
-                model(xb)
-                t2 = time.perf_counter()
-                lat[i].append(t1 - t0)
-                thr[i].append(t2 - t1)
-    return [{"latency_ms": 1e3 * statistics.median(a), "throughput": batch_size / statistics.median(b)}
-            for a, b in zip(lat, thr)]
+        t = interleaved_times(fns, warmup, reps, "cpu")
+    return [{"latency_ms": t[2 * i].host_ms, "throughput": batch_size / (t[2 * i + 1].host_ms / 1e3)}
+            for i in range(len(models))]
