@@ -45,7 +45,7 @@ from lightning_sparse.sparsity.channels import (
     n_channels_to_remove,
     select_channels_to_remove,
 )
-from lightning_sparse.sparsity.distributions import erk_densities, layer_counts
+from lightning_sparse.sparsity.dst import initial_masks
 
 RUNTIMES = ("eager", "onnxruntime")
 
@@ -53,15 +53,7 @@ RUNTIMES = ("eager", "onnxruntime")
 def proxy_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Random ERK masks (module name -> mask) over every Conv2d/Linear except the first and the last (dense)."""
     layers = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    sparse = dict(layers[1:-1])
-    shapes = {n: tuple(w.shape) for n, w in sparse.items()}
-    counts = layer_counts(erk_densities(shapes, density), shapes, total=int(round(density * sum(w.numel() for w in sparse.values()))))
-    masks = {}
-    for n, w in sparse.items():
-        flat = torch.zeros(w.numel(), dtype=torch.bool)
-        flat[torch.randperm(w.numel(), generator=gen)[: counts[n]]] = True
-        masks[n] = flat.reshape(w.shape)
-    return masks
+    return initial_masks(dict(layers[1:-1]), density, "erk", gen)
 
 
 def chase_channels(model: nn.Module, sparsity: float, args: argparse.Namespace, residual: bool) -> dict[str, list[int]]:
