@@ -61,10 +61,10 @@ def chase_channels(model: nn.Module, sparsity: float, args: argparse.Namespace, 
     gen = torch.Generator().manual_seed(args.seed)
     masks = proxy_masks(model, args.density, gen)
     groups = channel_candidates(model, torch.randn(1, 3, 64, 64), include_residual=residual)
-    groups = {k: g for k, g in groups.items() if any(p in masks for p in (g.producers or (k,)))}
+    groups = {k: g for k, g in groups.items() if any(p in masks for p in g.producer_layers)}
     modules = dict(model.named_modules())
-    scores = {k: group_channel_scores([modules[p].weight for p in g.producers or (k,)],
-                                      [masks.get(p) for p in g.producers or (k,)], args.score)
+    scores = {k: group_channel_scores([modules[p].weight for p in g.producer_layers],
+                                      [masks.get(p) for p in g.producer_layers], args.score)
               for k, g in groups.items()}
     active = {n: torch.ones(g.channels, dtype=torch.bool) for n, g in groups.items()}
     floors = {n: channel_floor(g.channels, sparsity, args.beta) for n, g in groups.items()}

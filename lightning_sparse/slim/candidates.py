@@ -58,9 +58,14 @@ class ChannelGroup:
     producers: tuple[str, ...] = ()
 
     @property
+    def producer_layers(self) -> tuple[str, ...]:
+        """Module names of the convs/linears producing the group's channels (at least the root)."""
+        return self.producers or (self.layer,)
+
+    @property
     def producer_weights(self) -> list[str]:
-        """Weight names of :attr:`producers` (output channels along dim 0)."""
-        return [f"{p}.weight" for p in (self.producers or (self.layer,))]
+        """Weight names of :attr:`producer_layers` (output channels along dim 0)."""
+        return [f"{p}.weight" for p in self.producer_layers]
 
     @property
     def params(self) -> list[tuple[str, int]]:
