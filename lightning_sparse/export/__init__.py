@@ -13,7 +13,8 @@ One concept per file; every public name is re-exported here:
 * ``fold.py`` — :func:`fold_batchnorm`, :func:`batchnorm_folds`: BatchNorm into the preceding convs.
 * ``onnx_export.py`` — :func:`export_onnx` (checker + onnxruntime parity), :func:`onnx_parity`, :func:`ort_session`.
 * ``runners.py`` — :func:`make_runner`: a zero-argument callable running one batch in ``"eager"`` or
-  ``"onnxruntime"``, for :func:`lightning_sparse.semi_structured.interleaved_times` (``device="cpu"``).
+  ``"onnxruntime"`` (CPU), or ``"cuda"`` (GPU), for
+  :func:`lightning_sparse.semi_structured.interleaved_times`.
 * ``report.py`` — :func:`model_costs`, :func:`write_report`, :data:`LOAD_SNIPPET`.
 * ``exporter.py`` — :func:`export_checkpoint`, the command's function.
 
@@ -25,11 +26,20 @@ from lightning_sparse.export.fold import BatchNormFolds, CannotFoldError, batchn
 from lightning_sparse.export.load import ExportSource, load_source
 from lightning_sparse.export.onnx_export import PARITY_ATOL, ParityError, export_onnx, onnx_parity, ort_session
 from lightning_sparse.export.report import LOAD_SNIPPET, model_costs, write_report
-from lightning_sparse.export.runners import RUNTIMES, Runtime, eager_runner, make_runner, onnxruntime_runner
+from lightning_sparse.export.runners import (
+    CUDA_RUNTIMES,
+    RUNTIMES,
+    Runtime,
+    cuda_runner,
+    eager_runner,
+    make_runner,
+    onnxruntime_runner,
+)
 
 __all__ = [
     "BatchNormFolds",
     "CannotFoldError",
+    "CUDA_RUNTIMES",
     "ExportSource",
     "LOAD_SNIPPET",
     "PARITY_ATOL",
@@ -37,6 +47,7 @@ __all__ = [
     "RUNTIMES",
     "Runtime",
     "batchnorm_folds",
+    "cuda_runner",
     "eager_runner",
     "export_checkpoint",
     "export_onnx",

@@ -12,10 +12,12 @@ from torch import nn
 from lightning_sparse.export.fold import fold_batchnorm
 from lightning_sparse.export.onnx_export import export_onnx, ort_session
 
-__all__ = ["RUNTIMES", "Runtime", "make_runner", "eager_runner", "onnxruntime_runner"]
+__all__ = ["CUDA_RUNTIMES", "RUNTIMES", "Runtime", "cuda_runner", "eager_runner", "make_runner", "onnxruntime_runner"]
 
-Runtime = Literal["eager", "onnxruntime"]
-RUNTIMES = ("eager", "onnxruntime")
+Runtime = Literal["eager", "onnxruntime", "cuda"]
+RUNTIMES = ("eager", "onnxruntime")  # CPU
+CUDA_RUNTIMES = ("cuda",)  # GPU: PyTorch eager (see cuda_runner for why no CUDA-graph replay)
+GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _check_threads(threads: int | None) -> None:
@@ -32,6 +34,31 @@ def eager_runner(folded: nn.Module, example_inputs: torch.Tensor, threads: int |
     def run() -> Any:
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def cuda_runner(folded: nn.Module, example_inputs: torch.Tensor, dtype: str = "float16") -> Callable[[], Any]:
+    """One batch through an already BN-folded eval model on the current CUDA GPU, channels_last, ``dtype``.
+
+    cuDNN's autotuner (``torch.backends.cudnn.benchmark``) is left as the caller set it; a deployment
+    turns it on. There is no CUDA-graph variant: on an H100 with torch 2.11 / cuDNN 9.19, a captured
+    ResNet forward replayed after other GPU work had run since its capture (another model's forward, as
+    interleaved timing does) returned wrong logits, and at batch >= 64 a ResNet-50 forward is not
+    host-bound anyway (:class:`~lightning_sparse.semi_structured.timing.Timing` flags it when it is).
+    """
+    if dtype not in GPU_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported on the GPU; choose one of {list(GPU_DTYPES)}.")
+    if not torch.cuda.is_available():
+        raise RuntimeError("runtime 'cuda' needs a CUDA GPU; "
+                           "torch.cuda.is_available() is False (the CPU runtimes are 'eager' and 'onnxruntime').")
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = folded.eval().to(device, GPU_DTYPES[dtype]).to(memory_format=torch.channels_last)
+    x = example_inputs.detach().to(device, GPU_DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+
+    def run() -> Any:
         with torch.inference_mode():
             return model(x)
 
@@ -56,6 +83,7 @@ def make_runner(
     runtime: Runtime,
     workdir: str | Path | None = None,
     threads: int | None = None,
+    dtype: str = "float16",
 ) -> Callable[[], Any]:
     """A zero-argument callable that runs ``model`` on ``example_inputs`` once in ``runtime``.
 
@@ -67,19 +95,23 @@ def make_runner(
     * ``"onnxruntime"``: the folded model is exported to ``<workdir>/model.onnx``
       (:func:`export_onnx`, parity-checked against PyTorch) and run in an onnxruntime CPU session with
       ``threads`` intra-op threads (default: onnxruntime's).
+    * ``"cuda"``: PyTorch eager on the current CUDA GPU in ``dtype``, channels_last (:func:`cuda_runner`);
+      time it with CUDA events.
 
     Args:
         model: an image model (e.g. a timm model, dense or slim).
         example_inputs: the batch every call runs (its batch size is the one timed).
-        runtime: ``"eager"`` or ``"onnxruntime"``.
+        runtime: ``"eager"``, ``"onnxruntime"`` or ``"cuda"``.
         workdir: folder for the ONNX file (needed for ``"onnxruntime"``).
-        threads: CPU threads for the runtime.
+        threads: CPU threads for the CPU runtimes.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the GPU runtimes (CPU runtimes run fp32).
 
     Returns:
         ``run()`` -> the runtime's outputs (a tensor for eager, a list of arrays for onnxruntime).
 
     Raises:
-        ValueError: an unknown ``runtime``, ``"onnxruntime"`` without ``workdir``, or bad ``threads``.
+        ValueError: an unknown ``runtime`` or ``dtype``, ``"onnxruntime"`` without ``workdir``, or bad ``threads``.
+        RuntimeError: a GPU runtime without a CUDA GPU.
 
     Example:
         >>> import tempfile, timm
@@ -94,13 +126,15 @@ def make_runner(
         ...     ort = make_runner(net, x, "onnxruntime", d, threads=1)  # exports <d>/model.onnx
         ...     eager_ms, ort_ms = interleaved_times([fns[0], ort], warmup=1, runs=3, device="cpu")
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime={runtime!r} is not supported; choose one of {list(RUNTIMES)}.")
+    if runtime not in RUNTIMES + CUDA_RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not supported; choose one of {list(RUNTIMES + CUDA_RUNTIMES)}.")
     _check_threads(threads)
     if runtime == "onnxruntime" and workdir is None:
         raise ValueError("runtime='onnxruntime' needs a workdir for the ONNX file, got workdir=None.")
     folded = fold_batchnorm(model, example_inputs[:1], strict=False)
     if runtime == "eager":
         return eager_runner(folded, example_inputs, threads)
+    if runtime in CUDA_RUNTIMES:
+        return cuda_runner(folded, example_inputs, dtype)
     path = export_onnx(folded, example_inputs, Path(workdir) / "model.onnx")  # type: ignore[arg-type]
     return onnxruntime_runner(path, example_inputs, threads)
