@@ -200,6 +200,9 @@ def test_sweep_plan_and_seed_spread_verdicts(tmp_path: Path) -> None:
         sweep.plan(["lasso"], [0.1], [], [0])
     with pytest.raises(ValueError, match="N:M pattern '2-4'"):
         sweep._nm("2-4")
+    with pytest.raises(ValueError, match="jobs must be >= 1, got jobs=0"):
+        sweep.main(jobs=0, workdir=str(tmp_path))
+    assert not (tmp_path / "runs").exists()
     accs = {"rigl_d0.01": (0.90, 0.94), "set_d0.01": (0.90, 0.92), "srste_1to8": (0.95, 0.96), "ste_1to8": (0.80, 0.82)}
     path = tmp_path / "comparison.csv"
     with path.open("w", newline="") as f:
@@ -215,10 +218,10 @@ def test_sweep_plan_and_seed_spread_verdicts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_digits_sweep_end_to_end(tmp_path: Path) -> None:
-    """Every sweep config trains (1 epoch) and the sweep ends in a comparison with seed statistics."""
+    """Every sweep config trains (1 epoch, two runs at a time) and the sweep ends in a comparison with seed statistics."""
     sweep = _sweep_module()
     sweep.main(densities=[0.05], nm=["2to4"], seeds=[0, 1], out=str(tmp_path / "out"), workdir=str(tmp_path),
-               max_epochs=1, reps=1)
+               max_epochs=1, reps=1, jobs=2)
     with (tmp_path / "out" / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 * (1 + 3 + 2) and all(r["test_acc"] for r in table)
