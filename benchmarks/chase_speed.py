@@ -294,7 +294,7 @@ def run_checkpoint(args: argparse.Namespace) -> None:
     report("trained Chase checkpoint", ratio, measure(dense, slim, args, (args.batch, hp["in_chans"], size, size)), args.batch)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedule-steps", type=int, default=8)
     p.add_argument("--round-to", type=int, default=8,
                    help="keep slim channel counts multiples of this (onnxruntime's blocked conv layout wants 8); 0 = exact")
-    p.add_argument("--runtime", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--runtime", nargs="+", default=list(CPU_RUNTIMES), choices=RUNTIMES,
+                   help="default: the CPU runtimes; 'cuda' times PyTorch on the GPU")
     p.add_argument("--dtype", default="float16", choices=list(GPU_DTYPES), help="GPU runtimes only (CPU runs fp32)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--per-layer", action="store_true", help="also print the per-conv profile (always when a goal is missed)")
@@ -319,6 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, help="time a trained Chase checkpoint's slim model instead")
     p.add_argument("--checkpoint-size", type=int, default=32, help="image size for --checkpoint")
     p.add_argument("--seed", type=int, default=17)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     args.round_to = args.round_to or None
     if args.threads:

@@ -36,6 +36,10 @@ def test_cpu_eager_run_prints_flops_and_speedup(capsys):
     assert "goal (plain Chase at S_c 0.4" in out
 
 
+def test_default_runtimes_are_the_cpu_ones():
+    assert chase_speed.parser().parse_args([]).runtime == ["eager", "onnxruntime"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a CUDA GPU")
 def test_gpu_runtimes_without_a_gpu_are_one_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
