@@ -1,7 +1,7 @@
 """Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase (plain and prune skip), N:M SR-STE, STE.
 
-    PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2              # the full sweep (README figures)
-    PYTHONPATH=. python benchmarks/digits_sweep.py --densities [0.01] --nm [1to8] --seeds [0,1] --out /tmp/reduced   # reduced
+    PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2              # the full sweep, 78 runs (README figures)
+    PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2 --densities [0.002,0.001] --nm [1to32] --out /tmp/reduced   # 22 runs
     PYTHONPATH=. python benchmarks/digits_sweep.py --dry_run true        # print the train.py commands only
 
 Every run is ``python train.py --config configs/sweep/base.yaml --config configs/sweep/<method>.yaml`` plus
@@ -82,7 +82,8 @@ def _summary(csv_path: Path) -> str:
     for r in rows:
         stem = Path(r["run"]).parent.name.removeprefix("sweep_")  # <method>_<setting>_s<seed> or dense_s<seed>
         head, _, seed_txt = stem.rpartition("_s")
-        method, _, tag = head.partition("_")
+        method = max((m for m in METHODS if head == m or head.startswith(m + "_")), key=len)  # chase_residual
+        tag = head[len(method) + 1:]
         if r["test_acc"]:
             acc[(method, tag or "dense")][int(seed_txt)] = float(r["test_acc"])
     lines = ["| method | setting | seeds | test acc mean | min–max (spread) |", "|---|---|---|---|---|"]
@@ -113,8 +114,8 @@ def _summary(csv_path: Path) -> str:
 
 def main(
     methods: list[str] = list(METHODS),
-    densities: list[float] = [0.1, 0.05, 0.02, 0.01],
-    nm: list[str] = ["2to4", "1to4", "1to8"],
+    densities: list[float] = [0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001],
+    nm: list[str] = ["2to4", "1to4", "1to8", "1to16", "1to32"],
     seeds: list[int] = [0, 1],
     out: str = "docs/figures/digits_sweep",
     workdir: str = ".",

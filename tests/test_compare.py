@@ -203,7 +203,8 @@ def test_sweep_plan_and_seed_spread_verdicts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="jobs must be >= 1, got jobs=0"):
         sweep.main(jobs=0, workdir=str(tmp_path))
     assert not (tmp_path / "runs").exists()
-    accs = {"rigl_d0.01": (0.90, 0.94), "set_d0.01": (0.90, 0.92), "srste_1to8": (0.95, 0.96), "ste_1to8": (0.80, 0.82)}
+    accs = {"rigl_d0.01": (0.90, 0.94), "set_d0.01": (0.90, 0.92), "srste_1to8": (0.95, 0.96), "ste_1to8": (0.80, 0.82),
+            "chase_d0.01": (0.90, 0.91), "chase_residual_d0.01": (0.95, 0.96)}
     path = tmp_path / "comparison.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -214,6 +215,8 @@ def test_sweep_plan_and_seed_spread_verdicts(tmp_path: Path) -> None:
     text = sweep._summary(path)
     assert "| rigl vs set | d0.01 | +0.0100 | 0.0400 | within seed spread |" in text
     assert "| srste vs ste | 1to8 | +0.1450 | 0.0200 | srste better, beyond seed spread |" in text
+    assert "| chase_residual vs chase | d0.01 | +0.0500 | 0.0100 | chase_residual better, beyond seed spread |" in text
+    assert "| chase | residual_d0.01 |" not in text
 
 
 @pytest.mark.slow
