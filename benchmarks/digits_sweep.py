@@ -132,7 +132,7 @@ def main(
     """Run the digits sweep (one run at a time, or ``jobs`` at a time), then compare the runs.
 
     Args:
-        methods: methods to run (dense, set, rigl, chase, srste, ste).
+        methods: methods to run (dense, set, rigl, chase, chase_residual, srste, ste).
         densities: densities of the unstructured methods (fraction of kept weights in the sparse layers).
         nm: N:M patterns of the SR-STE / STE runs, ``2to4`` (or ``"2:4"`` quoted: YAML reads 2:4 as a number).
         seeds: seeds; every (method, setting) runs once per seed.
@@ -143,9 +143,9 @@ def main(
         image_size: override the base config's 32 px (16 px costs a quarter of the compute).
         train_threads: torch threads of each training run (``OMP_NUM_THREADS``); 1 is much faster than 2
             on a machine that other jobs keep busy; default 1 when ``jobs`` > 1.
-        jobs: training runs at a time (each its own process). On 2 cores, ``jobs=2`` with one thread each
-            trains ~1.6x more runs per hour than one run on two threads; the runs' own wall-clock times
-            (compare's ``train_time_s``) then count a shared machine.
+        jobs: training runs at a time (each its own process, one thread unless ``train_threads``). On 2
+            cores ``jobs=2`` keeps both busy through each run's start-up, validation and checkpoint I/O;
+            the runs' own wall-clock times (compare's ``train_time_s``) then count a shared machine.
         reps: round-robin timing repetitions passed to compare.
         threads: torch threads for compare's timing (default torch's).
         dry_run: print the commands and stop.
