@@ -122,6 +122,7 @@ def main(
     max_epochs: int | None = None,
     image_size: int | None = None,
     train_threads: int | None = None,
+    overrides: list[str] = [],
     jobs: int = 1,
     reps: int = 10,
     threads: int | None = None,
@@ -139,10 +140,11 @@ def main(
         out: output directory of the comparison (table, figures, sweep.md); the default is where the
             README's figures live.
         workdir: directory the runs are trained from: they land in ``<workdir>/runs/sweep_*``.
-        max_epochs: override the base config's 8 epochs (smoke tests).
+        max_epochs: override the base config's 8 epochs (Chase's schedule needs at least 5).
         image_size: override the base config's 32 px (16 px costs a quarter of the compute).
         train_threads: torch threads of each training run (``OMP_NUM_THREADS``); 1 is much faster than 2
             on a machine that other jobs keep busy; default 1 when ``jobs`` > 1.
+        overrides: further ``train.py`` arguments for every run, e.g. ``--trainer.limit_train_batches=3``.
         jobs: training runs at a time (each its own process, one thread unless ``train_threads``). On 2
             cores ``jobs=2`` keeps both busy through each run's start-up, validation and checkpoint I/O;
             the runs' own wall-clock times (compare's ``train_time_s``) then count a shared machine.
@@ -162,6 +164,7 @@ def main(
     runs_path.mkdir(parents=True, exist_ok=True)
     extra = [f"--trainer.max_epochs={max_epochs}"] if max_epochs else []
     extra += [f"--data.init_args.image_size={image_size}"] if image_size else []
+    extra += list(overrides)
     if train_threads or jobs > 1:
         env["OMP_NUM_THREADS"] = str(train_threads or 1)
     start = time.perf_counter()

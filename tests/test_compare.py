@@ -221,11 +221,13 @@ def test_sweep_plan_and_seed_spread_verdicts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_digits_sweep_end_to_end(tmp_path: Path) -> None:
-    """Every sweep config trains (1 epoch, two runs at a time) and the sweep ends in a comparison with seed statistics."""
+    """Every sweep config trains (6 short epochs, two runs at a time) and the sweep ends in a comparison with seed statistics."""
     sweep = _sweep_module()
+    short = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     sweep.main(densities=[0.05], nm=["2to4"], seeds=[0, 1], out=str(tmp_path / "out"), workdir=str(tmp_path),
-               max_epochs=1, reps=1, jobs=2)
+               max_epochs=6, overrides=short, reps=1, jobs=2)
     with (tmp_path / "out" / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 2 * (1 + 3 + 2) and all(r["test_acc"] for r in table)
-    assert "| rigl vs set | d0.05 |" in (tmp_path / "out" / "sweep.md").read_text()
+    assert len(table) == 2 * (1 + 4 + 2) and all(r["test_acc"] for r in table)
+    text = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| rigl vs set | d0.05 |" in text and "| chase_residual vs chase | d0.05 |" in text
