@@ -89,7 +89,7 @@ def test_n_channels_to_remove():
     assert n_channels_to_remove(100, 100, 0.35) == 35
     assert n_channels_to_remove(65, 100, 0.4) == 5
     assert n_channels_to_remove(60, 100, 0.2) == 0  # never negative
-    assert n_channels_to_remove(10, 10, 0.15) == 1  # keep ceil(8.5) = 9
+    assert n_channels_to_remove(10, 10, 0.15) == 2  # keep floor(8.5) = 8, as the reference's prune_score
     assert n_channels_to_remove(1000, 1000, 0.4) == 400
     with pytest.raises(ValueError, match=r"s_t \(target channel sparsity\) must be in \[0, 1\], got s_t=1.2"):
         n_channels_to_remove(10, 10, 1.2)

@@ -40,12 +40,12 @@ def test_group_channel_scores_equal_concatenated_filters():
 
 
 class Snapshot(pl.Callback):
-    """Before Chase's hook: pooled UMM of every stream and the plain candidates, from the model's weights."""
+    """Before Chase's post-step hook: pooled UMM of every stream and the plain candidates, from the model's weights."""
 
     def __init__(self, chase: Chase) -> None:
         self.chase, self.scores = chase, []
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.chase.groups or self.chase.removed:
             return
         params, masks = dict(pl_module.named_parameters()), self.chase.engine.enforced()
@@ -96,9 +96,9 @@ def test_first_removal_follows_pooled_umm(tmp_path):
     chase = Chase(**{**KW, "slim": "never"})
     snap = Snapshot(chase)
     model = TinyResNet("basic")
-    trainer(tmp_path, 7, [snap, chase], max_epochs=3).fit(model, fixed_loader())
+    trainer(tmp_path, 5, [snap, chase], max_epochs=3).fit(model, fixed_loader())
     step, scores = snap.scores[-1]
-    assert step == 6  # the first channel step (epoch 1 of 6 steps)
+    assert step == 4  # the first channel step: (4 + ΔT/2) is the first multiple of the 6-step epoch
     floors = {k: channel_floor(chase.start_channels[k], 0.5, 0.5) for k in scores}
     removed, kept = [], []
     for k, s in scores.items():

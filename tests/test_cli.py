@@ -213,14 +213,21 @@ def test_sparsity_section_value_from_the_command_line_reaches_the_weights(tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     main(["fit", "--config", str(ROOT / "configs/quickstart_rigl.yaml"), "--sparsity.density=0.05",
-          "--sparsity.init_args.update_interval=2", *FAST[:2], *FAST[4:]])
-    state = torch.load(tmp_path / "runs/quickstart_rigl/version_0/checkpoints/last.ckpt", map_location="cpu",
-                       weights_only=False)["state_dict"]
+          "--sparsity.init_args.update_interval=3", *FAST[:2], *FAST[4:]])  # one update, at step 0
+    ckpt = torch.load(tmp_path / "runs/quickstart_rigl/version_0/checkpoints/last.ckpt", map_location="cpu",
+                      weights_only=False)
+    state = ckpt["state_dict"]
     convs = [k for k, v in state.items() if k.endswith("weight") and v.dim() in (2, 4)]
     sparse = convs[1:-1]  # the stem conv and the classifier stay dense by default
     assert all(torch.count_nonzero(state[k]) == state[k].numel() for k in (convs[0], convs[-1]))
-    kept = sum(torch.count_nonzero(state[k]).item() for k in sparse)
+    # the saved weights are 5 % dense: nothing outside the masks is nonzero, and the masks keep 5 % (weights the
+    # mask keeps may still be 0: at 16 px the deep 3x3 convs' border taps never get a gradient)
+    (masks,) = [v["masks"] for k, v in ckpt["callbacks"].items() if k.startswith("DynamicSparsity")]
+    assert sorted(masks) == sorted(sparse)
+    assert all(not state[k][~masks[k]].any() for k in sparse)
+    kept = sum(int(masks[k].sum()) for k in sparse)
     assert kept / sum(state[k].numel() for k in sparse) == pytest.approx(0.05, abs=1e-3)
+    assert sum(torch.count_nonzero(state[k]).item() for k in sparse) > 0.7 * kept
     saved = yaml.safe_load((tmp_path / "runs/quickstart_rigl/version_0/config.yaml").read_text())
     assert saved["sparsity"]["init_args"]["density"] == 0.05
 

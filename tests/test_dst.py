@@ -47,7 +47,7 @@ def test_masked_weights_stay_zero_under_every_optimizer(tmp_path, optimizer, gro
     checker = InvariantChecker(dst)
     trainer(tmp_path, 12, [dst, checker]).fit(model, fixed_loader())
     assert checker.checked == 12
-    assert dst.num_updates == 4  # steps 2, 4, 6, 8
+    assert dst.num_updates == 5  # steps 0, 2, 4, 6, 8 (from start_step itself, as google-research/rigl)
     assert checker.changed > 0  # the masks really moved
     assert set(dst.masks) == {"stem.weight", "body.0.weight", "body.3.weight", "head.weight"}
 
@@ -142,7 +142,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     full_model, full_dst, full_t = run()
     res_model, res_dst, res_t = run(ckpt=str(tmp_path / "ckpt" / "step=6.ckpt"))
-    assert res_dst.num_updates == full_dst.num_updates == 5
+    assert res_dst.num_updates == full_dst.num_updates == 6  # steps 0, 2, ..., 10
     for n in full_dst.masks:
         assert torch.equal(full_dst.masks[n], res_dst.masks[n]), n
     for (n, a), b in zip(full_model.state_dict().items(), res_model.state_dict().values()):

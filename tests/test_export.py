@@ -51,7 +51,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("runs")
     pl.seed_everything(0)
     stage1 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
-    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=1,
+    # 2 steps per epoch: channels go after step 3 ((3 + ΔT/2) % 2 == 0, cubic target 0.44 at t = 2 of 4)
+    chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
                   stop_dst_epochs=1, update_interval=2, round_to=4, input_shape=(1, SIZE, SIZE))
     t = trainer(tmp, 4, [chase], max_epochs=2)
     t.fit(stage1, fixed_loader(n=32, image_size=SIZE))

@@ -39,14 +39,14 @@ def test_sad_point_sits_at_the_step_of_the_update(tiny_net: pl.LightningModule, 
     rows = _csv_rows(log_dir)
     regrown = _column(rows, "dst/regrown")
     sad_global = _column(rows, "sad/global")
-    assert sorted(regrown) == [3, 6, 9]  # updates every 3 steps until the stop step 10
+    assert sorted(regrown) == [0, 3, 6, 9]  # updates every 3 steps from step 0 until the stop step 10
     for step, grown in regrown.items():
         # nothing else moves the masks: an update swaps `grown` positions off and as many on -> 2 * grown
         assert grown > 0 and sad_global[step] == 2 * grown, step
     # the points between updates are 0: no update leaks into a later point
-    assert {s: v for s, v in sad_global.items() if s not in regrown} == {0: 0.0, 12: 0.0}
+    assert {s: v for s, v in sad_global.items() if s not in regrown} == {12: 0.0}
     assert tracker.history["step"] == [0, 3, 6, 9, 12]
-    assert tracker.history["events"] == {"mask update": [3, 6, 9]}
+    assert tracker.history["events"] == {"mask update": [0, 3, 6, 9]}
 
 
 def test_figures_carry_run_method_marks_and_normaliser(tiny_net: pl.LightningModule, tmp_path: Path) -> None:
@@ -61,12 +61,12 @@ def test_figures_carry_run_method_marks_and_normaliser(tiny_net: pl.LightningMod
     for ax in fig.axes:
         updates = [ln for ln in ax.lines if ln.get_linestyle() == "--" and ln.get_color() == "tab:green"]
         stops = [ln for ln in ax.lines if ln.get_color() == "black"]
-        assert len(updates) == n_updates == 3
-        assert sorted(ln.get_xdata()[0] for ln in updates) == [3, 6, 9]
+        assert len(updates) == n_updates == 4
+        assert sorted(ln.get_xdata()[0] for ln in updates) == [0, 3, 6, 9]
         assert len(stops) == 1 and stops[0].get_xdata()[0] == 10  # the DST stop step
         assert f"fraction of all {masked:,} mask elements" in ax.get_ylabel()
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["mask update (3)", "DST stop (step 10)"]
+    assert legend == ["mask update (4)", "DST stop (step 10)"]
     ticks = [t for t in fig.axes[1].get_xticks() if 0 <= t <= h["step"][-1]]
     assert len({round(b - a, 6) for a, b in zip(ticks, ticks[1:])}) == 1  # evenly spaced
 
@@ -114,7 +114,8 @@ def test_chase_marks_channel_removals(tiny_net: pl.LightningModule, tmp_path: Pa
     rows = _csv_rows(logger.log_dir)
     removal_steps = sorted(_column(rows, "channels/global"))  # Chase logs channel counts at each removal
     h = tracker.history
-    assert h["events"]["channel removal"] == removal_steps == [6, 12]  # epoch boundaries (6 steps per epoch)
+    # after the steps that make (step + ΔT/2) a multiple of the 6-step epoch, 4 and 10: iterations 3 and 9
+    assert h["events"]["channel removal"] == removal_steps == [3, 9]
     fig = plots.plot_active_channels(h)
     red = [ln for ln in fig.axes[0].lines if ln.get_color() == "tab:red"]
     assert sorted(ln.get_xdata()[0] for ln in red) == removal_steps

@@ -64,7 +64,7 @@ def test_stop_epoch_counts_real_optimizer_steps(tmp_path, make, trainer_kw):
     t.fit(make(), fixed_loader())
     assert count.stop == 2 * count.per_epoch[0]
     assert count.total == t.global_step  # the whole fit, as it actually ran
-    assert dst.num_updates == count.stop - 1  # one update per step from step 1 to the stop step (exclusive)
+    assert dst.num_updates == count.stop  # one update per step from step 0 to the stop step (exclusive)
 
 
 def test_explicit_stop_step_wins_and_unbounded_training_needs_one(tmp_path):
@@ -94,14 +94,17 @@ class InfAtStep(TinyNet):
 
 
 class MaskLog(pl.Callback):
+    """Placed after the callback: the iterations (step counts before their optimizer step) that changed the masks."""
+
     def __init__(self, dst: DynamicSparsity) -> None:
         self.dst, self.changed_at, self.prev = dst, [], None
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        masks = {k: v.clone() for k, v in self.dst.masks.items()}
-        if self.prev is not None and any(not torch.equal(masks[k], self.prev[k]) for k in masks):
-            self.changed_at.append(trainer.global_step)
-        self.prev = masks
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prev = {k: v.clone() for k, v in self.dst.masks.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if any(not torch.equal(m, self.prev[k]) for k, m in self.dst.masks.items()):
+            self.changed_at.append(trainer.global_step - 1)
 
 
 def test_inf_gradient_at_an_update_step_postpones_the_update(tmp_path):
@@ -111,8 +114,9 @@ def test_inf_gradient_at_an_update_step_postpones_the_update(tmp_path):
     model = InfAtStep({4, 5})
     with pytest.warns(UserWarning, match=r"non-finite gradient in 'body.0.weight' at step 4 .*postponed"):
         trainer(tmp_path, 10, [dst, log]).fit(model, fixed_loader())
-    assert log.changed_at == [6, 8]  # the update of step 4 ran at step 6 (first finite step), then on schedule
-    assert dst.num_updates == 2 and dst.guard.postponed_total == 2
+    # steps 0, 4 (postponed: 4 and 5 overflow, it runs at 6, the first finite step), then 8 on schedule
+    assert log.changed_at == [0, 6, 8]
+    assert dst.num_updates == 3 and dst.guard.postponed_total == 2
     params = dict(model.named_parameters())
     assert all(torch.isfinite(params[k]).all() for k in dst.masks)
 

@@ -22,13 +22,14 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
+from lightning_sparse.callbacks._iteration import AfterStep
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
 from lightning_sparse.slim import restore_before_weights_load, slim_model
 from lightning_sparse.sparsity.channels import channel_floor, group_channel_scores, n_channels_to_remove
 from lightning_sparse.sparsity.channels import select_channels_to_remove
 from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, budget_targets, check_chase_args
-from lightning_sparse.sparsity.chase import redistribute_masks, soft_bound_update, strict_budget_update
+from lightning_sparse.sparsity.chase import soft_bound_update, strict_budget_update
 from lightning_sparse.sparsity.chase import cap_budget, total_weights_of_old_state
 from lightning_sparse.sparsity.dst import initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
@@ -40,19 +41,24 @@ __all__ = ["Chase"]
 class Chase(pl.Callback):
     """Chase: unstructured DST that learns channel sparsity, then slims the network physically.
 
-    Unstructured part (CHASE.md §1), every ``update_interval`` steps; N = sparse-layer weights at init, B = D·N.
-    Phase 1 (**soft memory bound**, until ``stop_dst_epochs`` before the end): prune globally by magnitude
-    to B, grow globally by |gradient| to r_t·N, r_t = D + 0.005 + (p0 − 0.005)/2·(1 + cos(π t/T1)) stepped
-    every step (p0 = ``drop_fraction``, T1 = phase-1 steps). Phase 2 (**strict budget**): per layer drop p_t
-    of the active weights by magnitude, regrow to the redistributed ERK count; p_t = e + (s − e)/2·(1 +
-    cos(π t/T)) over the WHOLE training ((s, e) = ``phase2_drop_fraction``): ~0.05 at phase 2, B at the end.
+    Unstructured part (CHASE.md §1), after every ``update_interval``-th optimizer step, with the gradient of
+    that batch (reference ``Masking.step``: ``optimizer.step()``, then ``truncate_weights``); N = sparse-layer
+    weights at init, B = D·N. Phase 1 (**soft memory bound**, until ``stop_dst_epochs`` before the end): prune
+    the weights beyond B by magnitude, grow by |gradient| to r_t·N, r_t = D + 0.005 + (p0 − 0.005)/2·(1 +
+    cos(π t/T1)) stepped every step (p0 = ``drop_fraction``, T1 = phase-1 steps); ``phase1="layerwise"``
+    (ImageNet reference) prunes every layer by the same fraction and grows each in proportion to its active
+    count, ``"global"`` (CIFAR reference) uses one threshold over all layers. Phase 2 (**strict budget**):
+    per layer drop ceil(p_t·n) of the active weights by magnitude, regrow to the redistributed ERK count;
+    p_t = e + (s − e)/2·(1 + cos(π t/T)) over the WHOLE training ((s, e) = ``phase2_drop_fraction``): ~0.05
+    at phase 2. A weight pruned and regrown in the same update restarts at 0 with zeroed optimizer state.
 
-    Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs until ``stop_gmp_epochs`` the
+    Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs (offset by ΔT/2, as the reference
+    removes channels halfway between two DST updates) until ``stop_gmp_epochs`` the
     candidate channels with the lowest score (UMM: Σ|w ⊙ m| / filter size; or ``maskwise``) over all
     candidate layers are removed towards the cubic target s_t = S_c·(1 − (1 − t/T)^3), each layer keeping
     at least floor(C_l·(1 − S_c)·β) channels. A removed channel's filter, the consumer's input slice and
     its BN scale/shift are zeroed and never grow again; ERK is re-solved over the remaining shapes with
-    the same B. Schedule and update rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from
+    the same B (only the targets: the next DST update moves each layer towards them). Schedule and update rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from
     Torch-Pruning's dependency graph (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output
     channels feed no residual sum.
 
@@ -78,6 +84,8 @@ class Chase(pl.Callback):
         update_interval: ΔT, optimizer steps between DST updates (reference: 1000).
         drop_fraction: p0, r_t − D at step 0 of phase 1 (reference ``prune_rate`` 0.05).
         phase2_drop_fraction: (s, e) of the whole-training cosine phase 2 reads (reference 0.5 → 0.005).
+        phase1: ``"layerwise"`` (ImageNet reference ``Chase_0.4``: per-layer magnitude prune, per-layer
+            proportional gradient growth) or ``"global"`` (CIFAR reference: one global threshold for both).
         growth: ``"gradient"`` (reference) or ``"random"``.
         score: ``"umm"`` (unmasked mean magnitude, reference) or ``"maskwise"`` (ablation).
         residual_channels: also remove channels of the residual streams ("prune skip", see above).
@@ -112,6 +120,7 @@ class Chase(pl.Callback):
         update_interval: int = 1000,
         drop_fraction: float = 0.05,
         phase2_drop_fraction: tuple[float, float] = (0.5, 0.005),
+        phase1: str = "layerwise",
         growth: str = "gradient",
         score: str = "umm",
         residual_channels: bool = False,
@@ -134,6 +143,8 @@ class Chase(pl.Callback):
         vars(self).update(args)  # every argument becomes an attribute of the same name
         self.engine = MaskEngine()
         self.guard = UpdateGuard(max_postponed)
+        self._after = AfterStep()  # the DST update runs after the optimizer step, with that batch's gradient
+        self._stepping: int | None = None  # the step count this batch's optimizer step makes
         self.channels = ChannelBook()
         self.num_updates = self.budget = self.total_weights = 0
         self.groups: dict[str, ChannelGroup] = {}
@@ -188,11 +199,10 @@ class Chase(pl.Callback):
                            "removed channels stay zero during training and are slimmed at the end of fit.")
             self.slim = "end"
         smoke = fast_dev_run_step(trainer, "Chase", ChaseSchedule.SMOKE, 1) is not None or bool(trainer.fast_dev_run)
-        self.update_interval = 1 if smoke else self.update_interval  # smoke run: every mechanism once
         self.schedule = ChaseSchedule.for_training(
             trainer.max_epochs or 0, steps_per_epoch(trainer), total_steps(trainer), self.stop_dst_epochs,
             self.stop_gmp_epochs, self.channel_interval_epochs, self.channel_sparsity, self.drop_fraction,
-            self.phase2_drop_fraction, self.density, fast_dev_run=smoke)
+            self.phase2_drop_fraction, self.density, update_interval=self.update_interval, fast_dev_run=smoke)
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         self._log(trainer, {})
@@ -203,20 +213,29 @@ class Chase(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step, schedule = trainer.global_step, self.schedule
-        assert schedule is not None, "Chase: on_train_start sets the schedule"
-        if schedule.is_channel_step(step):
-            self._run_channel_removal(trainer, pl_module, step)
-        scheduled = step > 0 and step % self.update_interval == 0 and step < schedule.total_steps
-        if self.guard.due(scheduled, self.engine.non_finite, step, "Chase"):
-            self._run_update(trainer, step)
+        assert self.schedule is not None, "Chase: on_train_start sets the schedule"
+        after = trainer.global_step + 1  # the reference counts steps after the optimizer step
+        if self.guard.due(self.schedule.is_update_step(after), self.engine.non_finite, after, "Chase"):
+            self._after.arm(after, self.engine.params, self.engine.masks)  # the dense gradient, before masking
+        self._stepping = after
         self.engine.mask_grads()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # After the optimizer step, in the reference's order (``Masking.step``): apply the masks, remove
+        # channels, then the DST update with the gradient of this batch.
         self.engine.apply_weights()
+        step, self._stepping = self._stepping, None
+        if step is None:  # no optimizer step in this batch (gradient accumulation)
+            return
+        assert self.schedule is not None
+        if self.schedule.is_channel_step(step):
+            self._run_channel_removal(trainer, pl_module, step)
+        pending = self._after.take()
+        if pending is not None:
+            self._run_update(trainer, *pending)
         if self.pending_slim:
             self._run_slim(trainer, pl_module)
 
@@ -323,40 +342,36 @@ class Chase(pl.Callback):
             for name, (dim, pos) in self.groups[layer].indices(idx).items():
                 self.engine.block(name, named[name], dim, pos)  # never grows again
         self.engine.bind(pl_module)
-        self.engine.enforce(trainer.optimizers)
-        self._run_redistribute(trainer)
+        # budget redistribution: only the per-layer targets change (reference ``update_erk_dic``); the next
+        # DST update moves each layer towards its new count
+        self.budget = cap_budget(self.budget, self.engine.params, self.masks, self.engine.allowed)
         self.engine.enforce(trainer.optimizers)
         self.pending_slim = self.slim == "during"
         rank_zero_info(f"Chase: step {step}: channel sparsity target {s_t:.3f}, removed {n_remove} channels")
-        self._log_channels(trainer)
+        self._log_channels(trainer, step - 1)
 
-    def _run_redistribute(self, trainer: pl.Trainer) -> None:
-        """ERK over the remaining shapes with the same budget B; bring every layer to its count now."""
-        params = self.engine.params
-        self.budget = cap_budget(self.budget, params, self.masks, self.engine.allowed)
-        self.engine.masks = redistribute_masks({n: params[n] for n in self.masks}, self.masks, self.engine.allowed,
-                                               self.budget, self.growth, self._seed(trainer.global_step))
-
-    def _run_update(self, trainer: pl.Trainer, step: int) -> None:
+    def _run_update(self, trainer: pl.Trainer, step: int, grads: dict[str, torch.Tensor | None]) -> None:
         assert self.schedule is not None
         gen, params = self._generator(step), self.engine.params
-        grads = {n: params[n].grad for n in self.masks}
-        if not self.schedule.in_phase2(step):  # phase 1: soft memory bound, global decisions
+        targets = budget_targets(params, self.masks, self.engine.allowed, self.budget)
+        if not self.schedule.in_phase2(step):  # phase 1: soft memory bound
             rate = self.schedule.phase1_fraction(step)  # r_t
-            self.engine.masks, grown = soft_bound_update(params, self.masks, grads, self.budget,
-                                                         round(rate * self.total_weights), self.growth, gen,
-                                                         self.engine.allowed)
+            update = soft_bound_update(params, self.masks, grads, self.budget, rate * self.total_weights,
+                                       self.growth, gen, self.engine.allowed, self.phase1, targets)
             key, phase = "dst/carry_fraction", 1
-        else:  # phase 2: strict budget, per-layer RigL to the redistributed ERK counts
+        else:  # phase 2: strict budget, per-layer RigL towards the redistributed ERK counts
             rate = self.schedule.phase2_fraction(step)  # p_t
-            targets = budget_targets(params, self.masks, self.engine.allowed, self.budget)
-            self.engine.masks, grown = strict_budget_update(params, self.masks, grads, rate, targets, self.growth,
-                                                            gen, self.engine.allowed)
+            update = strict_budget_update(params, self.masks, grads, rate, targets, self.growth, gen,
+                                          self.engine.allowed)
             key, phase = "dst/drop_fraction", 2
+        self.engine.masks = update.masks
         self.num_updates += 1
+        # a weight pruned and regrown in the same update restarts at 0 (the reference prunes, applies the
+        # mask, then grows); dropped weights and their optimizer state go to 0, grown ones are 0 already
+        self.engine.reset({n: update.pruned[n] & update.masks[n] for n in update.masks}, trainer.optimizers)
         self.engine.enforce(trainer.optimizers)
-        self._log(trainer, {key: rate, "dst/regrown": float(grown), "dst/phase": float(phase),
-                            "dst/active_weights": float(sum(int(m.sum()) for m in self.masks.values()))})
+        self._log(trainer, {key: rate, "dst/regrown": float(update.grown), "dst/phase": float(phase),
+                            "dst/active_weights": float(sum(int(m.sum()) for m in self.masks.values()))}, step - 1)
 
     def _run_slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pending_slim = False
@@ -382,19 +397,20 @@ class Chase(pl.Callback):
         flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
         self.flops_ratio = flops / self.dense_flops if self.dense_flops else 1.0
         log_metrics(trainer, {"channels/params": float(sum(p.numel() for p in pl_module.parameters())),
-                              "channels/flops_ratio": self.flops_ratio})
+                              "channels/flops_ratio": self.flops_ratio}, max(0, trainer.global_step - 1))
         rank_zero_info(f"Chase: slimmed the model; FLOPs {self.flops_ratio:.3f}x of dense")
 
-    def _log(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, extra: dict[str, float], step: int | None = None) -> None:
+        """Log at ``step``: the iteration (optimizer steps before it) whose update this is; default: now."""
         metrics = {"sparsity/global": 1.0 - self.engine.density(), **extra}
         if self.log_per_layer:
             metrics.update({f"sparsity/{n}": 1.0 - m.float().mean().item() for n, m in self.masks.items()})
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step)
 
-    def _log_channels(self, trainer: pl.Trainer) -> None:
+    def _log_channels(self, trainer: pl.Trainer, step: int | None = None) -> None:
         active = self.active_channels()
         metrics = {f"channels/{k}": float(v) for k, v in active.items()}
         metrics["channels/global"] = float(sum(active.values()))
         metrics["channels/global_fraction"] = sum(active.values()) / max(1, sum(self.channels.start.values()))
         metrics["sparsity/global"] = 1.0 - self.engine.density()
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step)

@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, log_metrics
+from lightning_sparse.callbacks._iteration import AfterStep, skip_optimizer_step
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
@@ -48,9 +49,13 @@ class DynamicSparsity(pl.Callback):
     registration order (for timm CNNs: stem conv and classifier; the log names them) unless
     ``sparse_first_last=True`` or ``include`` is given; ``include``/``exclude`` fnmatch patterns over
     ``named_parameters()`` names refine the choice. Per-layer densities come from ``distribution`` with
-    an exact global budget; masks start random (seeded). Every ``update_interval`` optimizer steps until
-    the stop step, each layer drops the cosine-decayed fraction of its smallest-|w| active weights and
-    regrows as many (DESIGN.md §3). Masked weights, gradients and optimizer state are kept at exactly 0
+    an exact global budget; masks start random (seeded). At ``start_step`` and every ``update_interval``
+    optimizer steps after it until the stop step, each layer drops ``int(α_t · n)`` of its smallest-|w|
+    active weights and regrows as many (DESIGN.md §3). As in google-research/rigl, RigL's update runs
+    *instead of* that iteration's optimizer step (weights and optimizer state end as if no step had run;
+    the step counter and the learning-rate schedule advance), and SET's runs right after the step
+    (:mod:`lightning_sparse.callbacks._iteration`); either way grown connections end the iteration at 0
+    with zeroed optimizer state. Masked weights, gradients and optimizer state are kept at exactly 0
     after every optimizer step, for any optimizer (:class:`~lightning_sparse.sparsity.engine.MaskEngine`).
 
     Under ``fast_dev_run`` the schedule is compressed to one mask update at the smoke run's last step (one
@@ -116,6 +121,7 @@ class DynamicSparsity(pl.Callback):
         self.seed, self.log_per_layer = seed, log_per_layer
         self.engine = MaskEngine()
         self.guard = UpdateGuard(max_postponed)
+        self._after = AfterStep()  # SET: the update waits for the optimizer step
         self.num_updates = 0
         self._stop: int | None = None
         self._smoke_step: int | None = None  # under fast_dev_run: the one update step
@@ -178,7 +184,12 @@ class DynamicSparsity(pl.Callback):
     ) -> None:
         step = trainer.global_step
         if self.guard.due(self._is_update_step(step), self.engine.non_finite, step, type(self).__name__):
-            self._run_update(trainer, step)
+            if self.growth == "gradient":  # RigL: the mask update *instead of* this iteration's optimizer step
+                params = self.engine.params
+                self._run_update(trainer, step, {n: params[n].grad for n in self.engine.masks})
+                skip_optimizer_step(optimizer)
+                return
+            self._after.arm(step, self.engine.params, self.engine.masks, copy=False)  # SET: after the step
         self.engine.mask_grads()
 
     @override
@@ -188,6 +199,9 @@ class DynamicSparsity(pl.Callback):
         # Weights only: with masked gradients, optimizer state at masked positions stays 0 by itself;
         # it is zeroed explicitly whenever the masks change (``MaskEngine.enforce``).
         self.engine.apply_weights()
+        pending = self._after.take()
+        if pending is not None:
+            self._run_update(trainer, *pending)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -204,7 +218,8 @@ class DynamicSparsity(pl.Callback):
         if self._smoke_step is not None:
             return step == self._smoke_step
         stop = self._stop if self._stop is not None else step + 1
-        return step > self.start_step and (step - self.start_step) % self.update_interval == 0 and step < stop
+        # as google-research/rigl ``is_mask_update_iter``: from ``start_step`` itself (step 0 by default) every ΔT
+        return self.start_step <= step < stop and (step - self.start_step) % self.update_interval == 0
 
     def _generator(self, step: int) -> torch.Generator:
         # Same seed on every rank -> identical random choices under DDP without communication.
@@ -224,7 +239,10 @@ class DynamicSparsity(pl.Callback):
             f"({self.distribution}, growth={self.growth}){dense}"
         )
 
-    def _run_update(self, trainer: pl.Trainer, step: int) -> None:
+    def _run_update(self, trainer: pl.Trainer, step: int, grads: dict[str, torch.Tensor | None]) -> None:
+        """One RigL/SET update at iteration ``step`` (google-research/rigl ``_get_update_op``): each layer drops
+        ``int(α_t · n_active)`` (floor) smallest-|w| active weights and grows as many among the positions not
+        kept (the just-dropped included); a weight dropped and regrown keeps its value and state."""
         stop = self._stop if self._stop is not None else self.resolved_stop_step(trainer)
         start = 0 if self._smoke_step is not None else self.start_step
         alpha = cosine_drop_fraction(step - start, stop - start, self.drop_fraction)
@@ -232,18 +250,19 @@ class DynamicSparsity(pl.Callback):
         swapped = 0
         params = self.engine.params
         for name, mask in self.engine.masks.items():
-            p = params[name]
-            n_swap = int(round(alpha * int(mask.sum())))
-            new = drop_grow(p, mask, n_swap, self.growth, p.grad, gen)
+            n_swap = int(alpha * int(mask.sum()))
+            new = drop_grow(params[name], mask, n_swap, self.growth, grads.get(name), gen)
             swapped += int((new & ~mask).sum())
             self.engine.masks[name] = new
         self.num_updates += 1
         # Dropped weights and their optimizer state go to 0 now; grown ones are 0 already.
         self.engine.enforce(trainer.optimizers)
-        self._log(trainer, {"dst/drop_fraction": alpha, "dst/regrown": float(swapped), "dst/updates": float(self.num_updates)})
+        self._log(trainer, {"dst/drop_fraction": alpha, "dst/regrown": float(swapped), "dst/updates": float(self.num_updates)},
+                  step)
 
-    def _log(self, trainer: pl.Trainer, extra: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, extra: dict[str, float], step: int | None = None) -> None:
+        """Log at ``step``: the iteration (optimizer steps before it) whose update this is; default: now."""
         metrics = {"sparsity/global": 1.0 - self.engine.density(), **extra}
         if self.log_per_layer:
             metrics.update({f"sparsity/{n}": 1.0 - m.float().mean().item() for n, m in self.engine.masks.items()})
-        log_metrics(trainer, metrics)
+        log_metrics(trainer, metrics, step)

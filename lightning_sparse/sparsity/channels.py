@@ -170,13 +170,14 @@ def channel_floor(c_start: int, final_sparsity: float, beta: float) -> int:
 def n_channels_to_remove(active_now: int, c_start_total: int, s_t: float) -> int:
     """How many candidate channels to remove now to reach channel sparsity ``s_t``.
 
-    ``active_now - ceil((1 - s_t) * c_start_total)``, never negative. Rounding: the number of channels
-    to *keep* is rounded up (with a 1e-9 tolerance for float noise), so the achieved channel sparsity
-    never exceeds ``s_t``; at the end of the schedule exactly ``floor(S_c * C_total)`` channels are gone.
+    ``ceil(active_now - (1 - s_t) * c_start_total)``, never negative: the number of channels to *keep* is
+    rounded down (with a 1e-9 tolerance for float noise), as the reference removes every channel whose score
+    is below the ``int(n - to_prune)``-th largest (``Masking.prune_score``); at the end of the schedule
+    ``ceil(S_c * C_total)`` channels are gone.
 
     Example:
-        >>> n_channels_to_remove(100, 100, 0.35), n_channels_to_remove(65, 100, 0.4), n_channels_to_remove(60, 100, 0.2)
-        (35, 5, 0)
+        >>> n_channels_to_remove(100, 100, 0.35), n_channels_to_remove(65, 100, 0.4), n_channels_to_remove(10, 10, 0.15)
+        (35, 5, 2)
     """
     if not 0.0 <= s_t <= 1.0:
         raise ValueError(f"s_t (target channel sparsity) must be in [0, 1], got s_t={s_t!r}.")
@@ -184,7 +185,7 @@ def n_channels_to_remove(active_now: int, c_start_total: int, s_t: float) -> int
         raise ValueError(
             f"channel counts must be >= 0, got active_now={active_now!r}, c_start_total={c_start_total!r}."
         )
-    keep = int(math.ceil((1.0 - s_t) * c_start_total - _EPS))
+    keep = int(math.floor((1.0 - s_t) * c_start_total + _EPS))
     return max(0, int(active_now) - keep)
 
 

@@ -6,9 +6,9 @@ in :func:`soft_bound_update` / :func:`strict_budget_update`, so a change of the 
 
 Example:
     >>> s = ChaseSchedule(steps_per_epoch=10, total_steps=100, stop_dst_epochs=2, stop_gmp_epochs=6,
-    ...                   channel_interval_epochs=2, channel_sparsity=0.5)
-    >>> s.phase2_start, s.is_channel_step(20), s.is_channel_step(25), s.is_channel_step(80)
-    (80, True, False, False)
+    ...                   channel_interval_epochs=2, channel_sparsity=0.5, update_interval=10)
+    >>> s.phase2_start, s.is_channel_step(15), s.is_channel_step(20), s.is_channel_step(75), s.is_update_step(20)
+    (80, True, False, False, True)
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ from lightning_sparse.sparsity.dst import (
     global_magnitude_prune,
 )
 
-__all__ = ["ChaseSchedule", "ChannelBook", "soft_bound_update", "strict_budget_update", "redistribute_masks",
-           "budget_targets", "cap_budget", "check_chase_args", "total_weights_of_old_state", "SLIM_MODES", "PHASE1_FINAL_GROWTH"]
+__all__ = ["ChaseSchedule", "ChannelBook", "Update", "soft_bound_update", "strict_budget_update",
+           "layer_magnitude_prune", "budget_targets", "cap_budget", "check_chase_args", "total_weights_of_old_state",
+           "SLIM_MODES", "PHASE1_MODES", "PHASE1_FINAL_GROWTH"]
 
 Masks = dict[str, torch.Tensor]
 SLIM_MODES = ("during", "end", "never")
+PHASE1_MODES = ("layerwise", "global")
 PHASE1_FINAL_GROWTH = 0.005  # r_t ends at D + 0.005 (reference ``CosineDecay(p0 + D, T1, D + 0.005)``)
 
 
@@ -62,6 +64,7 @@ def check_chase_args(a: Mapping[str, Any]) -> None:
     if not isinstance(a["residual_channels"], bool):
         raise ValueError(f"`residual_channels` must be True or False, got residual_channels={a['residual_channels']!r}.")
     check_choice("slim", a["slim"], SLIM_MODES)
+    check_choice("phase1", a["phase1"], PHASE1_MODES, "'layerwise' = ImageNet reference, 'global' = CIFAR reference")
     check_choice("growth", a["growth"], GROWTH_MODES)
     check_choice("distribution", a["distribution"], DISTRIBUTIONS)
     if a["round_to"] is not None:
@@ -72,15 +75,20 @@ def check_chase_args(a: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class ChaseSchedule:
-    """When Chase acts, in optimizer steps, and the two DST rates (CHASE.md §1, reference ``main.py``).
+    """When Chase acts and the two DST rates (CHASE.md §1–§2, reference ``Masking.step`` and ``main.py``).
 
-    Phase 1 (soft memory bound) runs until ``phase2_start`` = total − ``stop_dst_epochs`` epochs. After a
-    phase-1 update the network carries r_t·N weights, r_t a cosine stepped every optimizer step from
-    D + ``drop_fraction`` (step 0) to D + 0.005 (end of phase 1). Phase 2 (strict per-layer budget) reads
-    its drop fraction p_t from ONE cosine over the whole training: ``phase2_drop_fraction[0]`` at step 0 →
-    ``[1]`` at the last step, so phase 2 starts near 0.05 of the reference recipe, not at 0.5. Channels
-    are removed at every ``channel_interval_epochs``-th epoch boundary up to ``stop_gmp_epochs``, towards
-    the cubic target s_t = S_c·(1 − (1 − t/T)^3).
+    Every method takes ``step`` = optimizer steps done, counted right *after* an iteration's optimizer step
+    (the reference's ``self.steps`` after its increment): Chase acts after the step, channel removal first,
+    then the DST update. A DST update runs when ``step`` is a multiple of ``update_interval`` (before the
+    last step). Phase 1 (soft memory bound) runs while ``step`` < ``phase2_start`` = total − ``stop_dst_epochs``
+    epochs; after a phase-1 update the network carries r_t·N weights, r_t a cosine from D +
+    ``drop_fraction`` (step 0) to D + 0.005 (end of phase 1). Phase 2 (strict per-layer budget) reads its
+    drop fraction p_t from ONE cosine over the whole training: ``phase2_drop_fraction[0]`` at step 0 →
+    ``[1]`` at the last step, so phase 2 starts near 0.05 of the reference recipe, not at 0.5. Channels are
+    removed while ``step`` < ``stop_gmp_epochs`` epochs, whenever ``step + update_interval // 2`` is a
+    multiple of ``channel_interval_epochs`` epochs (halfway between two DST updates), towards the cubic
+    target s_t = S_c·(1 − (1 − t/T)^3) read at t = ``step − 1`` (the reference computes it before its
+    increment).
     """
 
     steps_per_epoch: int
@@ -92,29 +100,31 @@ class ChaseSchedule:
     drop_fraction: float = 0.05
     phase2_drop_fraction: tuple[float, float] = (0.5, 0.005)
     density: float = 0.1
+    update_interval: int = 1000
+    smoke: bool = False
 
-    SMOKE = "a channel removal with slimming and a DST update at step 1 (phase 2 on the last step from 3 steps on)"
+    SMOKE = ("a channel removal with slimming and a DST update after step 1 (phase 2 after step 2 from 3 steps on)")
 
     @classmethod
-    def for_training(cls, max_epochs: int, *args: Any, fast_dev_run: bool = False) -> ChaseSchedule:
+    def for_training(cls, max_epochs: int, *args: Any, fast_dev_run: bool = False, **kwargs: Any) -> ChaseSchedule:
         """Build the schedule (fields in order) after checking it fits ``max_epochs`` (0: no epoch limit).
 
         With ``fast_dev_run`` the recipe is compressed into the smoke run's ``total_steps`` instead of refused:
-        "epochs" of one step, the full channel target removed at step 1, phase 2 on the last step when there
-        are 3 steps or more (then step 1 is a phase-1 update); rates unchanged.
+        the full channel target removed after step 1 with a phase-1 update, phase 2 from step 2 when there
+        are 3 steps or more; rates unchanged.
 
         Raises:
             ValueError: ``stop_gmp_epochs`` beyond ``max_epochs`` or phase 2 as long as training.
 
         Example:
             >>> s = ChaseSchedule.for_training(1, 100, 3, 20, 80, 2, 0.4, fast_dev_run=True)
-            >>> [s.is_channel_step(t) for t in range(3)], s.channel_target(1), [s.in_phase2(t) for t in (1, 2)]
-            ([False, True, False], 0.4, [False, True])
+            >>> [s.is_channel_step(t) for t in (1, 2)], s.channel_target(1), [s.in_phase2(t) for t in (1, 2)]
+            ([True, False], 0.4, [False, True])
         """
-        schedule = cls(*args)
+        schedule = cls(*args, **kwargs)
         if fast_dev_run:
             return replace(schedule, steps_per_epoch=1, stop_dst_epochs=1 if schedule.total_steps >= 3 else 0,
-                           stop_gmp_epochs=1, channel_interval_epochs=1)
+                           stop_gmp_epochs=1, channel_interval_epochs=1, update_interval=1, smoke=True)
         if max_epochs > 0 and (schedule.stop_gmp_epochs > max_epochs or schedule.stop_dst_epochs >= max_epochs):
             raise ValueError(
                 f"Chase schedule does not fit max_epochs={max_epochs}: stop_gmp_epochs={schedule.stop_gmp_epochs} "
@@ -130,14 +140,24 @@ class ChaseSchedule:
     def channel_stop(self) -> int:
         return self.stop_gmp_epochs * self.steps_per_epoch
 
+    def is_update_step(self, step: int) -> bool:
+        """A DST update after the optimizer step that made ``step`` steps (reference ``steps % ΔT == 0``)."""
+        return 0 < step < self.total_steps and step % self.update_interval == 0
+
     def is_channel_step(self, step: int) -> bool:
-        if self.channel_sparsity == 0 or step == 0:
+        """A channel removal after the optimizer step that made ``step`` steps."""
+        if self.channel_sparsity == 0 or step <= 0:
             return False
-        return step % (self.channel_interval_epochs * self.steps_per_epoch) == 0 and step <= self.channel_stop
+        if self.smoke:
+            return step == 1
+        interval = self.channel_interval_epochs * self.steps_per_epoch
+        return step < self.channel_stop and (step + self.update_interval // 2) % interval == 0
 
     def channel_target(self, step: int) -> float:
-        """Target fraction of candidate channels removed at ``step``."""
-        return channel_sparsity_schedule(step, self.channel_stop, self.channel_sparsity)
+        """Target fraction of candidate channels removed after the step that made ``step`` steps."""
+        if self.smoke:
+            return self.channel_sparsity
+        return channel_sparsity_schedule(step - 1, self.channel_stop, self.channel_sparsity)
 
     def in_phase2(self, step: int) -> bool:
         return step >= self.phase2_start
@@ -153,34 +173,112 @@ class ChaseSchedule:
         return cosine_drop_fraction(step, max(1, self.total_steps), hi, lo)
 
 
+@dataclass(frozen=True)
+class Update:
+    """The result of one Chase DST update.
+
+    Attributes:
+        masks: the new masks.
+        pruned: per layer, the positions the prune step removed (a regrown one among them restarts at 0,
+            as the reference zeroes a pruned weight and its momentum before it grows).
+        grown: the number of positions activated by the grow step.
+    """
+
+    masks: Masks
+    pruned: Masks
+    grown: int
+
+
+def _count(masks: Mapping[str, torch.Tensor]) -> int:
+    return sum(int(m.sum()) for m in masks.values())
+
+
+def layer_magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Drop ``ceil(fraction · n_active)`` smallest-|w| active weights of one layer (reference ``magnitude_death``)."""
+    n_active = int(mask.sum())
+    n_drop = min(n_active, math.ceil(fraction * n_active - 1e-9))
+    return global_magnitude_prune({"w": weight}, {"w": mask}, n_active - n_drop)["w"] if n_drop > 0 else mask.clone()
+
+
+def _grow_layer(name: str, mask: torch.Tensor, k: int, growth: str, grads: Mapping[str, torch.Tensor | None],
+                generator: torch.Generator, allowed: Mapping[str, torch.Tensor], fill: bool) -> torch.Tensor:
+    """Grow ``k`` positions of one layer by |grad| (or at random); ``fill``: a layer whose target density is 1
+    becomes dense within its allowed positions (reference ``gradient_growth`` with ``density_dict == 1``)."""
+    if fill:
+        return allowed[name].clone() if name in allowed else torch.ones_like(mask)
+    if k <= 0:
+        return mask.clone()
+    return global_grow({name: mask}, k, growth, {name: grads.get(name)}, generator,
+                       {name: allowed[name]} if name in allowed else None)[name]
+
+
 def soft_bound_update(weights: Mapping[str, torch.Tensor], masks: Masks, grads: Mapping[str, torch.Tensor | None],
-                      budget: int, carry: int, growth: str, generator: torch.Generator,
-                      allowed: Mapping[str, torch.Tensor] | None) -> tuple[Masks, int]:
-    """Phase 1: keep the ``budget`` (B) largest active weights globally, then grow globally until the
-    network carries ``carry`` (round(r_t·N)) weights. Returns the new masks and the number grown."""
-    pruned = global_magnitude_prune(weights, masks, budget)
-    grow = max(0, carry - sum(int(m.sum()) for m in pruned.values()))
-    grown = global_grow(pruned, grow, growth, grads, generator, allowed or None)
-    return grown, sum(int(m.sum()) for m in grown.values()) - sum(int(m.sum()) for m in pruned.values())
+                      budget: int, carry: float, growth: str, generator: torch.Generator,
+                      allowed: Mapping[str, torch.Tensor], mode: str = "layerwise",
+                      targets: Mapping[str, int] | None = None) -> Update:
+    """Phase 1 (soft memory bound): prune the active weights beyond the budget B by magnitude, then grow until
+    the network carries ``carry`` (= r_t·N) weights (reference ``truncate_weights_prune`` /
+    ``truncate_weights_grow``).
+
+    ``mode="global"`` (CIFAR script: ``--death global_magnitude --growth global_gradients``): one threshold
+    over all layers for both steps, growing ``int(carry − active)``.
+
+    ``mode="layerwise"`` (ImageNet ``Chase_0.4``: the ``magnitude`` / ``gradients`` defaults): every layer
+    drops ``ceil(q · n_l)`` weights, q = (active − B) / active; then layers whose ERK target (``targets``:
+    redistributed counts) is dense are filled, and every other layer grows ``int(n_l · g)`` by its own
+    |gradient|, g = (to_grow − room of the dense layers) / (active − active of the dense layers), capped by
+    the layer's room.
+    """
+    active = _count(masks)
+    if mode == "global":
+        pruned_masks = global_magnitude_prune(weights, masks, budget)
+    else:
+        q = (active - budget) / active if active > budget else 0.0
+        pruned_masks = {n: layer_magnitude_prune(weights[n], m, q) for n, m in masks.items()}
+    pruned = {n: masks[n] & ~pruned_masks[n] for n in masks}
+    active = _count(pruned_masks)
+    to_grow = carry - active
+    if to_grow <= 0:
+        return Update({n: m.clone() for n, m in pruned_masks.items()}, pruned, 0)
+    if mode == "global":
+        new = global_grow(pruned_masks, int(to_grow), growth, grads, generator, allowed or None)
+        return Update(new, pruned, _count(new) - active)
+    room = {n: _room(weights[n], allowed.get(n)) for n in masks}
+    dense = {n for n in masks if targets is not None and targets[n] >= room[n]}
+    dense_active = sum(int(pruned_masks[n].sum()) for n in dense)
+    ratio = (to_grow - sum(room[n] for n in dense) + dense_active) / max(1, active - dense_active)
+    new = dict(pruned_masks)
+    if ratio > 0:
+        for name, mask in pruned_masks.items():
+            n = int(mask.sum())
+            k = min(int(n * ratio), room[name] - n)
+            new[name] = _grow_layer(name, mask, k, growth, grads, generator, allowed, name in dense)
+    return Update(new, pruned, _count(new) - active)
 
 
 def strict_budget_update(weights: Mapping[str, torch.Tensor], masks: Masks, grads: Mapping[str, torch.Tensor | None],
                          fraction: float, targets: Mapping[str, int], growth: str, generator: torch.Generator,
-                         allowed: Mapping[str, torch.Tensor]) -> tuple[Masks, int]:
-    """Phase 2: per layer, drop ``fraction`` of the active weights by magnitude, then regrow the layer to its
-    ERK count ``targets[name]`` (a layer still above its count after the drop is pruned to it by magnitude,
-    so the total is exactly Σ targets = B after every update). Returns the new masks and the number grown.
+                         allowed: Mapping[str, torch.Tensor]) -> Update:
+    """Phase 2 (reference ``truncate_weights``): per layer, drop ``ceil(fraction · n_active)`` smallest-|w| weights,
+    then grow the layer back to its ERK count ``targets[name]`` by |gradient| (a dense target fills the layer).
+    A layer above its count after the drop is left there (the reference never prunes to the target), so the
+    total approaches B = Σ targets through the drops rather than at once.
     """
-    out, grown = {}, 0
+    out, pruned, grown = {}, {}, 0
     for name, mask in masks.items():
-        w, want = weights[name], int(targets[name])
-        n_drop = int(round(fraction * int(mask.sum())))
-        kept = global_magnitude_prune({name: w}, {name: mask}, min(int(mask.sum()) - n_drop, want))[name]
-        new = global_grow({name: kept}, want - int(kept.sum()), growth, {name: grads.get(name)}, generator,
-                          {name: allowed[name]} if name in allowed else None)[name]
+        kept = layer_magnitude_prune(weights[name], mask, fraction)
+        pruned[name] = mask & ~kept
+        room = _room(weights[name], allowed.get(name))
+        want = int(targets[name])
+        new = _grow_layer(name, kept, want - int(kept.sum()), growth, grads, generator, allowed, want >= room)
         grown += int((new & ~kept).sum())
         out[name] = new
-    return out, grown
+    return Update(out, pruned, grown)
+
+
+def _room(weight: torch.Tensor, allowed: torch.Tensor | None) -> int:
+    """Positions a layer may hold: its size, less removed channels."""
+    return int(allowed.sum()) if allowed is not None else weight.numel()
 
 
 def budget_targets(weights: Mapping[str, torch.Tensor], masks: Masks, allowed: Mapping[str, torch.Tensor],
@@ -217,22 +315,6 @@ def effective_shape(shape: tuple[int, ...], allowed: torch.Tensor | None) -> tup
         other = tuple(i for i in range(len(shape)) if i != d)
         dims[d] = int(allowed.any(dim=other).sum()) if other else int(allowed.sum())
     return tuple(dims)
-
-
-def redistribute_masks(weights: Mapping[str, torch.Tensor], masks: Masks, allowed: Mapping[str, torch.Tensor],
-                       budget: int, growth: str, seed: int) -> Masks:
-    """ERK over the remaining shapes with the same budget; each layer grows (by |grad|, or at random from a
-    generator seeded with ``seed``) or is pruned (by magnitude) to its new count at once."""
-    targets = budget_targets(weights, masks, allowed, budget)
-    out = dict(masks)
-    for name, mask in masks.items():
-        w, have, want = weights[name], int(mask.sum()), targets[name]
-        if want > have:
-            out[name] = global_grow({name: mask}, want - have, growth, {name: w.grad}, torch.Generator().manual_seed(seed),
-                                    {name: allowed[name]} if name in allowed else None)[name]
-        elif want < have:
-            out[name] = global_magnitude_prune({name: w}, {name: mask}, want)[name]
-    return out
 
 
 @dataclass

@@ -130,6 +130,20 @@ class MaskEngine:
         self.apply_weights()
         mask_optimizer_state_(optimizers, self._params, self.enforced())
 
+    @torch.no_grad()
+    def reset(self, positions: Masks, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Set the weights at ``positions`` (True = reset) and every optimizer state tensor there to 0.
+
+        For connections that restart from zero although their mask stays True (Chase regrows a weight it
+        has just pruned from 0, as the reference prunes, applies the mask, then grows).
+        """
+        keep = {n: ~m for n, m in positions.items() if bool(m.any())}
+        if not keep:
+            return
+        for name, k in keep.items():
+            self._params[name].mul_(k.to(self._params[name].dtype))
+        mask_optimizer_state_(optimizers, self._params, keep)
+
     def non_finite(self) -> str | None:
         """``"gradient in 'name'"`` (or weight) for the first non-finite tensor among targets, else None."""
         for name in self.masks:
