@@ -171,10 +171,11 @@ def test_chase_umm_differs_from_maskwise_choice():
 
 
 def test_ddp_two_processes_make_identical_channel_choices(tmp_path):
-    from helpers.ddp import assert_equal_across_ranks, ddp_masks
+    from helpers.ddp import assert_equal_across_ranks, assert_update_iterations_exact, ddp_masks
 
     states = ddp_masks("chase", tmp_path)
     assert_equal_across_ranks(states)
+    assert_update_iterations_exact(states)
     assert any(states[0]["removed"].values())
 
 

@@ -118,6 +118,18 @@ def test_rigl_recipe_and_coverage(capsys):
     assert kept == pytest.approx(0.1 * sum(w.numel() for w in sparse.values()), rel=1e-3)
 
 
+def test_cifar_rigl_coverage_is_the_reference_flags(capsys):
+    """google-research/rigl cifar_resnet/resnet_train_eval.py: prune_first_layer=False, prune_last_layer=True."""
+    from lightning_sparse.callbacks import DynamicSparsity
+
+    cfg = _resolved("cifar10_resnet18_rigl.yaml", capsys)
+    model, _ = _one_batch({**cfg["model"]["init_args"], "model_name": "resnet18"})
+    names = DynamicSparsity(**_callback(cfg)).target_names(model)
+    convs = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert "model.fc.weight" in names and "model.conv1.weight" not in names
+    assert sorted(names) == sorted(c for c in convs if c != "model.conv1.weight")
+
+
 def test_srste_files_hold_only_what_differs():
     for tag, (n, m) in SRSTE.items():
         cfg = yaml.safe_load((ROOT / "configs" / f"imagenet_resnet50_srste_{tag}.yaml").read_text())

@@ -209,10 +209,11 @@ def test_model_without_prunable_layers():
 
 @pytest.mark.parametrize("method", ["dst_rigl", "dst_set"])
 def test_ddp_two_processes_keep_identical_masks(tmp_path, method):
-    from helpers.ddp import assert_equal_across_ranks, ddp_masks
+    from helpers.ddp import assert_equal_across_ranks, assert_update_iterations_exact, ddp_masks
 
     states = ddp_masks(method, tmp_path)
     assert_equal_across_ranks(states)
+    assert_update_iterations_exact(states)
 
 
 def test_exclude_of_a_weight_the_first_last_rule_keeps_dense_is_a_noop_with_an_info_line(caplog):

@@ -24,3 +24,13 @@ def assert_equal_across_ranks(states: list[dict]) -> None:
         assert torch.equal(a["masks"][k], b["masks"][k]), k
     assert a["shapes"] == b["shapes"]
     assert a.get("removed") == b.get("removed")
+    for k in a.get("weights", {}):  # DDP keeps the replicas identical, the mask updates included
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+def assert_update_iterations_exact(states: list[dict]) -> None:
+    """Every rank saw mask updates, and in each the grown connections ended at 0 with zeroed momentum
+    (RigL: nothing else moved in its update iteration)."""
+    for r, s in enumerate(states):
+        assert s["updates"] > 0, r
+        assert s["violations"] == 0, (r, s["violations"])
