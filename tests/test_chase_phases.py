@@ -55,7 +55,8 @@ class Counts(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step  # steps done; Chase has just updated after this step
         if 0 < step < SPE * EPOCHS and step % self.chase.update_interval == 0:
-            rates = {k: v for k, v in self.recorder.by_step.get(step, {}).items() if k.startswith("dst/")}
+            # logged at the iteration that ran the update (steps done before it)
+            rates = {k: v for k, v in self.recorder.by_step.get(step - 1, {}).items() if k.startswith("dst/")}
             self.rows.append((step, sum(int(m.sum()) for m in self.chase.masks.values()), rates))
 
 
