@@ -9,7 +9,9 @@ hand-coded per architecture.
 One concept per file; every public name is re-exported here:
 
 * ``candidates.py`` — :func:`channel_candidates`: convs whose output channels can go without touching a
-  residual sum, each with the ``(parameter, dim)`` slices that go with a channel (:class:`ChannelGroup`).
+  residual sum, each with the ``(parameter, dim)`` slices that go with a channel (:class:`ChannelGroup`);
+  convs it leaves out (also constructs slimming cannot follow exactly) are listed with the reason in
+  :attr:`ChannelCandidates.refused`.
 * ``prune.py`` — :func:`slim_model` removes channels in place (:class:`SlimResult` says which indices each
   parameter kept, so masks and optimizer state are sliced alike); :func:`zero_channels`.
 * ``config.py`` — :func:`channel_config` / :func:`apply_channel_config`: record a slim architecture and
@@ -40,7 +42,7 @@ Example:
 """
 
 
-from lightning_sparse.slim.candidates import ChannelEntry, ChannelGroup, channel_candidates
+from lightning_sparse.slim.candidates import ChannelCandidates, ChannelEntry, ChannelGroup, channel_candidates
 from lightning_sparse.slim.checkpoint import (
     CHANNEL_CONFIG_KEY,
     find_channel_config,
@@ -53,6 +55,7 @@ from lightning_sparse.slim.flops import count_flops, slim_report
 from lightning_sparse.slim.prune import SlimResult, slim_model, zero_channels
 
 __all__ = [
+    "ChannelCandidates",
     "ChannelEntry",
     "ChannelGroup",
     "SlimResult",

@@ -11,9 +11,21 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_sparse.slim._graph import ADD_OPS, build_graph, is_depthwise, local_entries
+from lightning_sparse.slim._graph import (
+    ADD_OPS,
+    GroupRefused,
+    build_graph,
+    forward_code_reason,
+    is_depthwise,
+    is_plain_conv,
+    local_entries,
+    mixed_conv_of,
+    mixed_parents,
+    tp_ops,
+    trace_group,
+)
 
-__all__ = ["ChannelEntry", "ChannelGroup", "channel_candidates"]
+__all__ = ["ChannelCandidates", "ChannelEntry", "ChannelGroup", "channel_candidates"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,30 @@ class ChannelGroup:
         return out
 
 
+def _mixed_split_reason(group: Any, names: dict, parents: dict) -> str | None:
+    """A group may cross a ``MixedConv2d`` split only inside one branch: then the branch sizes after slimming
+    follow from the root's channel count alone, and :func:`~lightning_sparse.slim.apply_channel_config`
+    (which removes trailing channels) rebuilds the same shapes. Across branches they would depend on which
+    channels went."""
+    for item in group:
+        node = item.dep.target
+        if not isinstance(node.module, tp_ops._SplitOp):
+            continue
+        owner = mixed_conv_of(node, parents)
+        if owner is None:
+            continue
+        offsets = [0]
+        for size in owner.splits:
+            offsets.append(offsets[-1] + size)
+        branches = {next(b for b in range(len(owner.splits)) if offsets[b] <= i < offsets[b + 1])
+                    for i in item.idxs if i < offsets[-1]}
+        if len(branches) > 1:
+            return (f"its channels spread over branches {sorted(branches)} of mixed conv {names.get(owner, '?')!r} "
+                    f"(splits {list(owner.splits)}), so the branch sizes after slimming would depend on which "
+                    "channels go and a slim checkpoint could not be rebuilt")
+    return None
+
+
 def analyze_conv(
     graph: tp.DependencyGraph, model: nn.Module, name: str, include_residual: bool
 ) -> tuple[ChannelGroup | None, str | None, Any]:
@@ -109,9 +145,25 @@ def analyze_conv(
         return None, f"it is a {type(conv).__name__}, only nn.Conv2d output channels are slimmed", None
     if conv.groups != 1:
         return None, f"it is a grouped conv (groups={conv.groups}); its channels follow the layer feeding it", None
+    if not is_plain_conv(conv):
+        return None, f"it is a {type(conv).__name__}, whose forward uses more than weight and bias per channel", None
     if conv not in graph.module2node:
         return None, "it is not reached by the forward pass of the example inputs", None
-    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(conv.out_channels)))
+    parents = mixed_parents(model)
+
+    def stop(dep: Any) -> str | None:
+        grad_fn = getattr(dep.target.module, "_grad_fn", None)
+        if grad_fn is not None and not include_residual:
+            if str(grad_fn).startswith(ADD_OPS):
+                return f"its channels feed a residual sum ({grad_fn})"
+            if str(grad_fn).endswith("CopySlices") and len(dep.target.inputs) > 1:  # x += shortcut on a view
+                return "its channels feed a residual sum (an in-place add on a view, CopySlices)"
+        return forward_code_reason(dep.target, names, parents)
+
+    try:
+        group = trace_group(graph, conv, list(range(conv.out_channels)), names, stop)
+    except GroupRefused as err:
+        return None, str(err), None
     coupled: list[str] = []
     producers: list[str] = [name]
     entries: list[ChannelEntry] = []
@@ -123,9 +175,6 @@ def analyze_conv(
             return None, "its channels reach a bare nn.Parameter (unsupported layer) used in the forward", group
         if is_out and not target.outputs:  # a node that channels pass through and nothing consumes
             return None, "its channels are outputs of the model (no layer consumes them)", group
-        grad_fn = getattr(module, "_grad_fn", None)
-        if grad_fn is not None and str(grad_fn).startswith(ADD_OPS) and not include_residual:
-            return None, f"its channels feed a residual sum ({grad_fn})", group
         mname = names.get(module)
         if mname is None or not any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _BatchNorm):
             continue
@@ -136,6 +185,14 @@ def analyze_conv(
                 return None, f"removing its channels also removes output channels of {mname!r} (residual coupling)", group
             coupled.append(mname)
             if not is_depthwise(module):
+                # Chase scores channel c over filter c of every producer: each must hold exactly the group's
+                # channels, in the root's order (not e.g. a concat of two halves of them)
+                n_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+                layout = sorted(zip(item.idxs, item.root_idxs))
+                if n_out != conv.out_channels or layout != [(c, c) for c in range(n_out)]:
+                    return None, (f"its channels are produced in another layout by {mname!r} ({n_out} output channels "
+                                  f"for {conv.out_channels} channels, e.g. through a concat), so its channels cannot "
+                                  "be scored and removed filter by filter"), group
                 producers.append(mname)
         try:
             local = local_entries(module, is_out)
@@ -146,12 +203,30 @@ def analyze_conv(
                 name=f"{mname}.{pname}" if mname else pname, dim=dim, is_buffer=is_buf,
                 positions=tuple(int(i) for i in item.idxs), roots=tuple(int(r) for r in item.root_idxs),
             ))
+    reason = _mixed_split_reason(group, names, parents)
+    if reason is not None:
+        return None, reason, group
     return ChannelGroup(name, conv.out_channels, tuple(coupled), tuple(entries), tuple(producers)), None, group
+
+
+class ChannelCandidates(dict):
+    """What :func:`channel_candidates` returns: a ``dict`` layer name -> :class:`ChannelGroup`, plus
+
+    Attributes:
+        refused: every other ``nn.Conv2d`` of the model (not a candidate and not slimmed along with one)
+            -> the reason it is left out, e.g. ``"its channels feed a residual sum (AddBackward0)"``, or
+            for constructs slimming cannot follow exactly, ``"its channels reach a channel split/chunk ..."``.
+            :func:`~lightning_sparse.slim.slim_model` refuses these layers with the same reason.
+    """
+
+    def __init__(self, groups: dict[str, ChannelGroup] | None = None, refused: dict[str, str] | None = None) -> None:
+        super().__init__(groups or {})
+        self.refused: dict[str, str] = dict(refused or {})
 
 
 def channel_candidates(
     model: nn.Module, example_inputs: torch.Tensor, include_residual: bool = False
-) -> dict[str, ChannelGroup]:
+) -> ChannelCandidates:
     """Convs whose output channels Chase may remove, with the tensor slices tied to each channel.
 
     A conv is a candidate when, in Torch-Pruning's dependency graph, removing its output channels
@@ -159,6 +234,17 @@ def channel_candidates(
     reaches no add/sub (residual sum) and no model output, and touches only Conv2d / Linear / BatchNorm
     tensors. ResNet bottlenecks give ``conv1``, ``conv2``; basic blocks ``conv1``; VGG every feature
     conv; MobileNetV2 the expanding ``conv_pw`` (with its depthwise conv) of each inverted residual.
+
+    The contract: every channel of a candidate can be removed by :func:`~lightning_sparse.slim.slim_model`,
+    and once it is zeroed (:func:`~lightning_sparse.slim.zero_channels`) removing it leaves the outputs
+    unchanged. Constructs the graph cannot follow exactly are refused here, never at slimming time: a
+    channel slice or split whose bounds live in forward code (a Ghost module's ``[:, :oup]`` that drops
+    channels, Res2Net's ``torch.split``, DPN's slices; timm's ``MixedConv2d`` is handled, its branch sizes
+    are rewritten after slimming, but only for groups that stay inside one branch), two channels tied to
+    each other (a concat folded back into its own input by a residual sum: GhostNet with
+    ``include_residual=True``), producers holding the channels in another layout, conv subclasses that
+    use their filters as a whole (``StdConv2d``), and groups whose dependency search does not close
+    (ReXNet's concat/slice/sum chains). Such convs are listed with the reason in ``.refused``.
 
     Args:
         model: any ``nn.Module`` (names are relative to it, e.g. ``model.layer1.0.conv1`` for a
@@ -168,20 +254,32 @@ def channel_candidates(
             the same channels from every coupled conv (listed in ``ChannelGroup.coupled``), keyed by
             the first of them in module order.
 
+    Returns:
+        A :class:`ChannelCandidates` dict (layer -> :class:`ChannelGroup`) whose ``refused`` attribute
+        maps every other conv to the reason it is left out.
+
     Raises:
-        ValueError: when the model has no candidate conv.
+        ValueError: naming the model and the reasons, when the model has no candidate conv or
+            Torch-Pruning cannot build its dependency graph.
     """
     graph = build_graph(model, example_inputs)
-    out: dict[str, ChannelGroup] = {}
+    out = ChannelCandidates()
+    refused: dict[str, str] = {}
     seen: set[str] = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d) or name in seen:
             continue
-        group, _, _ = analyze_conv(graph, model, name, include_residual)
+        group, reason, _ = analyze_conv(graph, model, name, include_residual)
         if group is not None:
             out[name] = group
             seen.update(group.coupled)
+        else:
+            refused[name] = str(reason)
+    out.refused = {n: r for n, r in refused.items() if n not in seen}
     if not out:
-        raise ValueError(f"{type(model).__name__} has no conv whose output channels can be removed.")
+        examples = "; ".join(f"{n!r}: {r}" for n, r in list(out.refused.items())[:3])
+        raise ValueError(
+            f"{type(model).__name__} has no conv whose output channels can be removed "
+            f"({len(out.refused)} convs refused, e.g. {examples})."
+        )
     return out
-

@@ -9,7 +9,13 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_sparse.slim._graph import build_graph, default_inputs, is_depthwise
+from lightning_sparse.slim._graph import (
+    build_graph,
+    default_inputs,
+    is_depthwise,
+    refresh_split_offsets,
+    sync_mixed_convs,
+)
 
 __all__ = ["channel_config", "apply_channel_config"]
 
@@ -71,7 +77,9 @@ def apply_channel_config(
             continue
         if target < have:
             graph = graph or build_graph(model, example_inputs)
+            refresh_split_offsets(graph)
             graph.get_pruning_group(m, fn, list(range(target, have))).prune()
+            sync_mixed_convs(model)
     now = channel_config(model)
     diff = {n: (now[n], dict(config[n])) for n in config if now[n] != dict(config[n])}
     if diff:

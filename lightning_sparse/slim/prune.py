@@ -7,10 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from lightning_sparse.slim._graph import build_graph, local_entries
+from lightning_sparse.slim._graph import build_graph, local_entries, sync_mixed_convs, trace_group
 from lightning_sparse.slim.candidates import ChannelGroup, analyze_conv
 
 __all__ = ["SlimResult", "slim_model", "zero_channels"]
@@ -155,7 +154,9 @@ def slim_model(
             raise ValueError(f"layer {name!r} has {c} output channels; got invalid or repeated indices {idx}.")
         if len(idx) >= c:
             raise ValueError(f"cannot slim layer {name!r}: all {c} output channels would be removed.")
-        for other in (name, *group_info.coupled):
+        # depthwise convs may be shared by several roots through a concat (each owns other channels of it);
+        # producers (the root, residual partners) hold the group's channels themselves
+        for other in group_info.producer_layers:
             if other in pruned_out:
                 raise ValueError(
                     f"cannot slim layer {name!r}: its channels are coupled with {other!r}, already slimmed "
@@ -166,13 +167,14 @@ def slim_model(
             idx = idx[: c - keep]
             if not idx:
                 continue
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, sorted(idx))
+        group = trace_group(graph, conv, sorted(idx), names)
         before: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
         for item in group:
             m = item.dep.target.module
             if isinstance(m, nn.Module) and m in names:
                 before[m] = _tensor_shapes(m)
         group.prune()
+        sync_mixed_convs(model)
         for item in group:
             m = item.dep.target.module
             if m not in before:
@@ -186,7 +188,7 @@ def slim_model(
                 full = f"{names[m]}.{local}" if names[m] else local
                 cur = kept_lists.get((full, dim), list(range(before[m][local][dim])))
                 kept_lists[(full, dim)] = [k for pos, k in enumerate(cur) if pos not in gone]
-        for other in (name, *group_info.coupled):
+        for other in group_info.producer_layers:
             pruned_out[other] = name
         result.removed[name] = sorted(idx)
     for n, p in model.named_parameters():
