@@ -160,3 +160,65 @@ def test_a_step_the_gradscaler_skips_postpones_the_update(growth):
     moved = not torch.equal(post[0]["head.bias"], pre[0]["head.bias"])
     assert moved == (growth == "random")  # RigL skipped the step, SET stepped
     _grown_are_zero(pre, post)
+
+
+class SkipBatch(TinyNet):
+    """``training_step`` returns None at the given steps: Lightning still calls the optimizer hooks, with no gradient."""
+
+    def __init__(self, steps: set[int]) -> None:
+        super().__init__()
+        self.skip = steps
+
+    def training_step(self, batch, batch_idx):
+        return None if self.trainer.global_step in self.skip else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+def test_a_skipped_batch_postpones_the_update(growth):
+    pl.seed_everything(0)
+    cb = DynamicSparsity(density=0.3, growth=growth, update_interval=4, stop_step=100, sparse_first_last=True)
+    with pytest.warns(UserWarning, match=r"no gradient in any sparse layer \(a skipped batch\) at step 4; the mask update "
+                                         r"is postponed"):
+        rows = _fit(SkipBatch({4}), cb, max_steps=7)
+    assert sorted(rows) == [1, 6]  # iterations 0 and 5: the update due at 4 ran at the next batch with a gradient
+    _grown_are_zero(*rows[6])
+
+
+class TwoOptimizers(ManualNet):
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.body.parameters(), lr=0.05), torch.optim.SGD(self.head.parameters(), lr=0.05)]
+
+
+@pytest.mark.parametrize("method", ["rigl", "chase"])
+def test_manual_optimization_with_two_optimizers_is_refused(method):
+    cb = (DynamicSparsity(density=0.3) if method == "rigl" else
+          Chase(density=0.3, channel_sparsity=0.0, stop_gmp_epochs=1, channel_interval_epochs=1, stop_dst_epochs=1,
+                input_shape=(1, 8, 8)))
+    t = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"supports manual optimization with one optimizer, got 2"):
+        t.fit(TwoOptimizers(), fixed_loader())
+
+
+def test_rigl_with_a_fused_optimizer_under_a_gradscaler_is_refused():
+    class Fused(TinyNet):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[DynamicSparsity(density=0.3)],
+                   plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    with pytest.raises(ValueError, match=r"a GradScaler cannot follow with a fused optimizer \(Adam, fused=True\)"):
+        t.fit(Fused(), fixed_loader())
+
+
+def test_chase_phase1_mode_is_checked():
+    with pytest.raises(ValueError, match=r"`phase1`='per_layer' is not supported; choose one of \['layerwise', 'global'\]"):
+        Chase(phase1="per_layer")

@@ -25,7 +25,35 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["skip_optimizer_step", "AfterStep"]
+__all__ = ["skip_optimizer_step", "AfterStep", "check_update_iteration"]
+
+
+def check_update_iteration(trainer: object, owner: str, skips_step: bool) -> None:
+    """Refuse the set-ups where the update iteration cannot be kept exact, with the reason and what to use.
+
+    - Manual optimization with several optimizers: each ``optimizer.step()`` counts as a step, so one batch
+      would hold several update points (and RigL would skip only one optimizer's step).
+    - RigL under a GradScaler with an optimizer that unscales inside its own ``step`` (``fused=True``):
+      Lightning then does not unscale before ``on_before_optimizer_step``, and a step without gradients
+      leaves the scaler with no inf check to update from.
+
+    Raises:
+        ValueError: naming the set-up.
+    """
+    module = getattr(trainer, "lightning_module", None)
+    optimizers = list(getattr(trainer, "optimizers", []))
+    if module is not None and not module.automatic_optimization and len(optimizers) > 1:
+        raise ValueError(
+            f"{owner} supports manual optimization with one optimizer, got {len(optimizers)}: the mask update is "
+            "tied to one optimizer step per batch. Use one optimizer, or automatic optimization."
+        )
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    fused = [type(o).__name__ for o in optimizers if getattr(o, "defaults", {}).get("fused")]
+    if skips_step and scaler is not None and fused:
+        raise ValueError(
+            f"{owner} (RigL) replaces the optimizer step on update iterations, which a GradScaler cannot follow "
+            f"with a fused optimizer ({', '.join(fused)}, fused=True). Use fused=False, or bf16-mixed precision."
+        )
 
 
 def skip_optimizer_step(optimizer: torch.optim.Optimizer) -> None:
@@ -33,8 +61,9 @@ def skip_optimizer_step(optimizer: torch.optim.Optimizer) -> None:
 
     Sets each parameter's gradient to ``None``: ``torch.optim`` optimizers step only parameters with a
     gradient, so nothing moves (no momentum or weight decay either). Gradient clipping, GradScaler and
-    learning-rate schedulers run as usual; the step counter (``trainer.global_step``) still advances,
-    as in the reference, whose learning rate follows the global step.
+    learning-rate schedulers run as usual, and the step counter (``trainer.global_step``) still advances. The
+    reference does not count that iteration, so between two updates it takes ΔT optimizer steps where ours
+    takes ΔT − 1 (README, fidelity table).
     """
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -92,8 +92,8 @@ class UpdateGuard:
     ``max_postponed`` consecutive postponements (a persistent NaN) with a ``FloatingPointError``.
 
     Usage in ``on_before_optimizer_step``: ``if guard.due(is_update_step, find_problem, step, owner): update()``,
-    where ``find_problem()`` returns ``None`` when everything is finite, else a description such as
-    ``"gradient in 'layer.weight'"``; it is only called at update steps (and while an update is pending).
+    where ``find_problem()`` returns ``None`` when the values can drive an update, else a description such as
+    ``"non-finite gradient in 'layer.weight'"``; it is only called at update steps (and while one is pending).
     """
 
     def __init__(self, max_postponed: int = 10) -> None:
@@ -114,13 +114,14 @@ class UpdateGuard:
         self.postponed_total += 1
         if self.pending > self.max_postponed:
             raise FloatingPointError(
-                f"{owner}: non-finite {problem} at step {step}; refusing the mask update after {self.max_postponed} "
+                f"{owner}: {problem} at step {step}; refusing the mask update after {self.max_postponed} "
                 "postponements (lower the learning rate or enable gradient clipping)."
             )
         if not self._warned:
+            hint = " (e.g. an fp16 overflow the GradScaler skips)" if problem.startswith("non-finite") else ""
             rank_zero_warn(
-                f"{owner}: non-finite {problem} at step {step} (e.g. an fp16 overflow the GradScaler skips); the mask "
-                "update is postponed to the next step with finite values. Further postponements are not reported."
+                f"{owner}: {problem} at step {step}{hint}; the mask update is postponed to the next step with "
+                "usable values. Further postponements are not reported."
             )
             self._warned = True
         return False

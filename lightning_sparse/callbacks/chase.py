@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
-from lightning_sparse.callbacks._iteration import AfterStep
+from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
 from lightning_sparse.slim import restore_before_weights_load, slim_model
@@ -194,6 +194,8 @@ class Chase(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_update_iteration(trainer, "Chase", skips_step=False)
+        self._after, self._stepping = AfterStep(), None
         if self.slim == "during" and not isinstance(trainer.strategy, SingleDeviceStrategy):
             rank_zero_warn(f"Chase: slim='during' needs a single-device strategy, got {type(trainer.strategy).__name__}; "
                            "removed channels stay zero during training and are slimmed at the end of fit.")
@@ -215,7 +217,7 @@ class Chase(pl.Callback):
     ) -> None:
         assert self.schedule is not None, "Chase: on_train_start sets the schedule"
         after = trainer.global_step + 1  # the reference counts steps after the optimizer step
-        if self.guard.due(self.schedule.is_update_step(after), self.engine.non_finite, after, "Chase"):
+        if self.guard.due(self.schedule.is_update_step(after), self.engine.unusable, after, "Chase"):
             self._after.arm(after, self.engine.params, self.engine.masks)  # the dense gradient, before masking
         self._stepping = after
         self.engine.mask_grads()

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import check_strategy, log_metrics
-from lightning_sparse.callbacks._iteration import AfterStep, skip_optimizer_step
+from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration, skip_optimizer_step
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
@@ -164,6 +164,8 @@ class DynamicSparsity(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_update_iteration(trainer, type(self).__name__, skips_step=self.growth == "gradient")
+        self._after = AfterStep()
         self.engine.bind(pl_module)
         self._smoke_step = fast_dev_run_step(trainer, type(self).__name__, "one mask update")
         if self._smoke_step is not None:  # a smoke run: one update at its last step, whatever the schedule
@@ -183,7 +185,7 @@ class DynamicSparsity(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if self.guard.due(self._is_update_step(step), self.engine.non_finite, step, type(self).__name__):
+        if self.guard.due(self._is_update_step(step), self.engine.unusable, step, type(self).__name__):
             if self.growth == "gradient":  # RigL: the mask update *instead of* this iteration's optimizer step
                 params = self.engine.params
                 self._run_update(trainer, step, {n: params[n].grad for n in self.engine.masks})

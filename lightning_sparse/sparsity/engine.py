@@ -153,6 +153,16 @@ class MaskEngine:
                     return f"{what} in {name!r}"
         return None
 
+    def unusable(self) -> str | None:
+        """Why this step's values cannot drive a mask update, or None: a non-finite weight or gradient among the
+        targets, or no gradient in any target (a batch whose ``training_step`` returned None)."""
+        problem = self.non_finite()
+        if problem is not None:
+            return f"non-finite {problem}"
+        if self.masks and all(self._params[n].grad is None for n in self.masks):
+            return "no gradient in any sparse layer (a skipped batch)"
+        return None
+
     def density(self) -> float:
         """Kept fraction over all target masks."""
         return global_density(self.masks)
