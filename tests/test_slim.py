@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from helpers.timm_models import timm_with_random_bn
 from lightning_sparse.slim import (
     apply_channel_config,
     channel_candidates,
@@ -24,16 +25,7 @@ SIZE = 32
 
 
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=5, pretrained=False)
-    with torch.no_grad():  # non-trivial BN state so zeroing a channel is not the same as the default
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    return timm_with_random_bn(arch)
 
 
 def _pick(groups: dict, n_layers: int, frac: float, seed: int = 0) -> dict[str, list[int]]:

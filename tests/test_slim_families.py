@@ -35,12 +35,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import timm
 import torch
 from timm.layers import StdConv2d
 from timm.models.ghostnet import GhostModule
 from torch import nn
 
+from helpers.timm_models import timm_with_random_bn
 from lightning_sparse.slim import (
     apply_channel_config,
     channel_candidates,
@@ -125,19 +125,7 @@ def _expected(table: dict, arch: str, residual: bool) -> str | None:
 
 
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=5, pretrained=False)
-    with torch.no_grad():  # non-trivial BN state and layer scales, so a zeroed channel changes the logits
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-        for n, p in model.named_parameters():
-            if n.rsplit(".", 1)[-1] == "gamma":  # ConvNeXt layer scale starts at 1e-6
-                p.fill_(1.0)
-    return model.eval()
+    return timm_with_random_bn(arch)
 
 
 def _n_params(model: nn.Module) -> int:
