@@ -59,8 +59,8 @@ class Chase(pl.Callback):
     at least floor(C_l·(1 − S_c)·β) channels. A removed channel's filter, the consumer's input slice and
     its BN scale/shift are zeroed and never grow again; ERK is re-solved over the remaining shapes with
     the same B (only the targets: the next DST update moves each layer towards them). Schedule and update
-    rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from Torch-Pruning's dependency graph (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output
-    channels feed no residual sum.
+    rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from Torch-Pruning's dependency graph
+    (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output channels feed no residual sum.
 
     ``residual_channels=True`` ("Chase (prune skip)"; its reference code is not public, this is our
     definition): each residual stream is one more candidate, the coupled group of Torch-Pruning's graph
