@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from helpers.wandb_record import wandb_record
 from lightning_sparse.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,9 @@ def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, 
             logger.experiment.finish()
     # the W&B run lives inside the run version it belongs to, and is named after it
     offline = list(version.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(offline) == 1 and b"val/acc" in offline[0].read_bytes()
-    assert b"quickstart/version_0" in offline[0].read_bytes()
+    assert len(offline) == 1
+    record = wandb_record(offline[0], b"val/acc", b"quickstart/version_0")
+    assert b"val/acc" in record and b"quickstart/version_0" in record
     assert not (run_dir / "wandb").exists()
     assert cli.trainer.callback_metrics["test/acc"] >= 0.0
 
