@@ -15,14 +15,18 @@ from lightning_sparse.callbacks._base import MaskSource
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_sparse.callbacks.chase import Chase
     from lightning_sparse.callbacks.dst import DynamicSparsity
+    from lightning_sparse.callbacks.gmp import GradualMagnitudePruning
     from lightning_sparse.callbacks.nm import NMSparsity
+    from lightning_sparse.callbacks.one_shot import OneShotPruning
     from lightning_sparse.callbacks.sad import SADTracker
     from lightning_sparse.callbacks.semi_structured import SemiStructuredBenchmark
 
 _MODULES = {
     "Chase": "chase",
     "DynamicSparsity": "dst",
+    "GradualMagnitudePruning": "gmp",
     "NMSparsity": "nm",
+    "OneShotPruning": "one_shot",
     "SADTracker": "sad",
     "SemiStructuredBenchmark": "semi_structured",
 }

@@ -30,6 +30,10 @@ def make_callback(method: str) -> pl.Callback:
         from lightning_sparse.callbacks import DynamicSparsity
 
         return DynamicSparsity(density=0.2, update_interval=2, stop_step=12, growth="random")
+    if method == "gmp":
+        from lightning_sparse.callbacks import GradualMagnitudePruning
+
+        return GradualMagnitudePruning(density=0.2, update_interval=2, stop_step=12, sparse_first_last=True)
     if method == "nm":
         from lightning_sparse.callbacks import NMSparsity
 
