@@ -182,3 +182,26 @@ def test_ddp_two_processes_keep_identical_masks(tmp_path):
         kept, total = sum(int(m.sum()) for m in s["masks"].values()), sum(m.numel() for m in s["masks"].values())
         assert kept == round(0.2 * total)
         assert all(torch.count_nonzero(s["weights"][n][~m]) == 0 for n, m in s["masks"].items())
+
+
+def test_compare_and_sad_name_the_methods(tmp_path):
+    from lightning_sparse.callbacks import OneShotPruning, SADTracker
+    from lightning_sparse.compare.runs import describe_method
+
+    def cfg(cls, **args):
+        return {"sparsity": {"class_path": f"lightning_sparse.callbacks.{cls}", "init_args": args}}
+
+    assert describe_method(cfg("GradualMagnitudePruning", density=0.05))["method"] == "GMP"
+    assert describe_method(cfg("GradualMagnitudePruning", density=0.05))["density"] == 0.05
+    one_shot = describe_method(cfg("OneShotPruning", pattern="nm", n=2, m=4))
+    assert (one_shot["method"], one_shot["N:M"], one_shot["density"]) == ("one-shot N:M", "2:4", 0.5)
+    assert describe_method(cfg("OneShotPruning", density=0.2))["method"] == "one-shot"
+
+    pl.seed_everything(0)
+    gmp = GradualMagnitudePruning(density=0.2, update_interval=2, stop_step=6)
+    tracker = SADTracker(interval=2)
+    trainer(tmp_path, 8, [gmp, tracker]).fit(TinyNet(), fixed_loader())
+    h = tracker.history
+    assert h["meta"]["method"] == "GMP (density 0.2)"
+    assert h["density"][0] == 1.0 and h["density"][-1] == pytest.approx(0.2, abs=1e-3)  # dense, then pruned
+    assert sum(h["sad"]) > 0

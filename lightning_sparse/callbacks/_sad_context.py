@@ -27,6 +27,9 @@ def _describe(source: Any) -> str:
         return f"{growth} ({source.distribution.upper()}, density {source.density:g})"
     if kind == "Chase":
         return f"Chase (density {source.density:g}, channel sparsity {source.channel_sparsity:g})"
+    if kind in ("GradualMagnitudePruning", "OneShotPruning"):
+        label = "GMP" if kind == "GradualMagnitudePruning" else "one-shot"
+        return f"{label} ({source.n}:{source.m})" if getattr(source, "pattern", "") == "nm" else f"{label} (density {source.density:g})"
     if kind == "NMSparsity":
         return f"{source.n}:{source.m} {'SR-STE' if source.mode == 'srste' else 'STE'}"
     return kind
@@ -53,7 +56,8 @@ def layer_kinds(pl_module: pl.LightningModule | None, sources: list[Any], masks:
     """Every conv/linear weight: ``{"numel", "kind"}``; kind is ``"N:M"``, ``"unstructured"`` or ``"dense"``."""
     owner: dict[str, str] = {}
     for source in sources:
-        kind = f"{source.n}:{source.m}" if type(source).__name__ == "NMSparsity" else "unstructured"
+        nm = type(source).__name__ == "NMSparsity" or getattr(source, "pattern", None) == "nm"
+        kind = f"{source.n}:{source.m}" if nm else "unstructured"
         for name in source.current_masks(pl_module):
             owner.setdefault(name, kind)
     names = candidate_weights(pl_module) if pl_module is not None else []

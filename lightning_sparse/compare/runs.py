@@ -161,7 +161,8 @@ def describe_method(config: dict[str, Any]) -> dict[str, Any]:
     """Method label and its key settings from the callbacks in a run's config.
 
     ``{"method", "density", "S_c", "N:M", "mode", "seed"}``; settings a method does not have are None.
-    DynamicSparsity with gradient growth is RigL, with random growth SET; NMSparsity is SR-STE or STE.
+    DynamicSparsity with gradient growth is RigL, with random growth SET; NMSparsity is SR-STE or STE;
+    GradualMagnitudePruning is GMP; OneShotPruning is one-shot (unstructured) or one-shot N:M.
     """
     out: dict[str, Any] = {"method": "dense", "density": 1.0, "S_c": None, "N:M": None, "mode": None,
                            "seed": config.get("seed_everything")}
@@ -176,6 +177,14 @@ def describe_method(config: dict[str, Any]) -> dict[str, Any]:
             labels.append("Chase (prune skip)" if args.get("residual_channels") else "Chase")
             out["density"], out["S_c"] = args.get("density", 0.1), args.get("channel_sparsity", 0.4)
             out["mode"] = f"slim:{args.get('slim', 'during')}"
+        elif cls == "GradualMagnitudePruning":
+            labels.append("GMP")
+            out["density"] = args.get("density", 0.1)
+        elif cls == "OneShotPruning":
+            nm = args.get("pattern", "unstructured") == "nm"
+            labels.append("one-shot N:M" if nm else "one-shot")
+            out["density"] = args.get("n", 2) / args.get("m", 4) if nm else args.get("density", 0.1)
+            out["N:M"] = f"{args.get('n', 2)}:{args.get('m', 4)}" if nm else None
         elif cls == "NMSparsity":
             mode = args.get("mode", "srste")
             n, m = args.get("n", 2), args.get("m", 4)
