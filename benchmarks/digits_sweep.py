@@ -1,4 +1,5 @@
-"""Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase (plain and prune skip), N:M SR-STE, STE.
+"""Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase (plain and prune skip), GMP, N:M SR-STE,
+STE and one-shot N:M of the dense run.
 
     PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2              # the full sweep, 78 runs (README figures)
     PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2 --densities [0.002,0.001] --nm [1to32] --out /tmp/reduced   # 22 runs
@@ -6,8 +7,10 @@
 
 Every run is ``python train.py --config configs/sweep/base.yaml --config configs/sweep/<method>.yaml`` plus
 command-line overrides (density or N:M, seeds, run name ``sweep_<method>_<setting>_s<seed>``), run as
-subprocesses, one at a time or ``--jobs`` at a time. Unstructured methods (SET, RigL, Chase) run at every density in ``densities``; N:M
-methods at every pattern in ``nm``; dense once per seed. ``seed`` sets ``seed_everything`` and the mask seed
+subprocesses, one at a time or ``--jobs`` at a time. Unstructured methods (SET, RigL, Chase, GMP) run at every density in
+``densities``; N:M methods at every pattern in ``nm``; dense once per seed. ``oneshot_nm`` prunes the same seed's
+dense run (its ``last.ckpt``) once to N:M and fine-tunes it with fixed masks, so it runs after every other run,
+and needs that dense run (in this sweep or done already). ``seed`` sets ``seed_everything`` and the mask seed
 of SET/RigL/Chase, so seed-to-seed spread covers weights, data order and initial masks. A run whose
 ``metrics.csv`` already holds a test accuracy is kept, so an interrupted sweep continues where it stopped.
 
@@ -32,10 +35,12 @@ from jsonargparse import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "configs" / "sweep"
-UNSTRUCTURED = ("set", "rigl", "chase", "chase_residual")
-NM = ("srste", "ste")
+UNSTRUCTURED = ("set", "rigl", "chase", "chase_residual", "gmp")
+NM = ("srste", "ste", "oneshot_nm")
+DENSE_CKPT = "{dense_checkpoint}"  # oneshot_nm's checkpoint_path, filled in when its dense run has finished
 METHODS = ("dense", *UNSTRUCTURED, *NM)
-PAIRS = (("rigl", "set"), ("srste", "ste"), ("chase", "rigl"), ("chase_residual", "chase"))
+PAIRS = (("rigl", "set"), ("srste", "ste"), ("chase", "rigl"), ("chase_residual", "chase"), ("rigl", "gmp"),
+         ("oneshot_nm", "srste"))
 
 
 def plan(methods: list[str], densities: list[float], nm: list[str], seeds: list[int]) -> list[tuple[str, list[str]]]:
@@ -51,15 +56,27 @@ def plan(methods: list[str], densities: list[float], nm: list[str], seeds: list[
             if method == "dense":
                 settings = [("dense", [])]
             elif method in UNSTRUCTURED:
-                settings = [(f"d{d:g}", [f"--sparsity.density={d}",
-                                         f"--sparsity.seed={seed}"]) for d in densities]
+                seeded = [f"--sparsity.seed={seed}"] if method != "gmp" else []  # GMP is deterministic
+                settings = [(f"d{d:g}", [f"--sparsity.density={d}", *seeded]) for d in densities]
             else:
                 settings = [(f"{_nm(p)[0]}to{_nm(p)[1]}", [f"--sparsity.n={_nm(p)[0]}",
                                                      f"--sparsity.m={_nm(p)[1]}"]) for p in nm]
+            if method == "oneshot_nm":
+                settings = [(tag, [*extra, f"--model.init_args.checkpoint_path={DENSE_CKPT}"]) for tag, extra in settings]
             for tag, extra in settings:
                 name = f"sweep_{method}_{tag}_s{seed}" if method != "dense" else f"sweep_dense_s{seed}"
                 runs.append((name, [*base, *extra, f"--run_name={name}"]))
     return runs
+
+
+def _dense_checkpoint(runs_dir: Path, name: str) -> str:
+    """The newest ``last.ckpt`` of the dense run of ``name``'s seed (``sweep_oneshot_nm_2to4_s1`` -> ``sweep_dense_s1``)."""
+    dense = f"sweep_dense_s{name.rpartition('_s')[2]}"
+    found = sorted((runs_dir / dense).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{name} prunes the dense run {dense}, which has no last.ckpt under {runs_dir / dense}: "
+                                "add `dense` to --methods (or train it first).")
+    return str(found[-1])
 
 
 def _nm(pattern: str) -> tuple[int, int]:
@@ -133,7 +150,7 @@ def main(
     """Run the digits sweep (one run at a time, or ``jobs`` at a time), then compare the runs.
 
     Args:
-        methods: methods to run (dense, set, rigl, chase, chase_residual, srste, ste).
+        methods: methods to run (dense, set, rigl, chase, chase_residual, gmp, srste, ste, oneshot_nm).
         densities: densities of the unstructured methods (fraction of kept weights in the sparse layers).
         nm: N:M patterns of the SR-STE / STE runs, ``2to4`` (or ``"2:4"`` quoted: YAML reads 2:4 as a number).
         seeds: seeds; every (method, setting) runs once per seed.
@@ -183,6 +200,8 @@ def main(
 
     def train_one(item: tuple[int, str, list[str]]) -> None:
         i, name, cmd = item
+        if any(DENSE_CKPT in c for c in cmd):
+            cmd = [c.replace(DENSE_CKPT, _dense_checkpoint(runs_path, name)) for c in cmd]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=runs_path.parent, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -190,9 +209,10 @@ def main(
         print(f"[{i}/{len(todo)}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     pool = ThreadPoolExecutor(max_workers=jobs)
-    try:
-        for _ in pool.map(train_one, pending):
-            pass
+    try:  # one-shot runs prune finished dense runs: they go last
+        for phase in ([p for p in pending if not _is_one_shot(p)], [p for p in pending if _is_one_shot(p)]):
+            for _ in pool.map(train_one, phase):
+                pass
     except BaseException:  # the first failure stops the sweep: queued runs are cancelled, finished ones kept
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -216,6 +236,10 @@ def main(
     )
     (out_dir / "sweep.md").write_text(text)
     print(text)
+
+
+def _is_one_shot(item: tuple[int, str, list[str]]) -> bool:
+    return any(DENSE_CKPT in c for c in item[2])
 
 
 if __name__ == "__main__":
