@@ -350,7 +350,7 @@ def test_package_imports_without_onnx():
     assert "ONNX export needs 'onnx'" in proc.stdout and "pip install -r requirements.txt" in proc.stdout
 
 
-def test_readme_shows_the_tested_load_snippet():
-    readme = (ROOT / "README.md").read_text()
+def test_export_page_shows_the_tested_load_snippet():
+    readme = (ROOT / "docs" / "export.md").read_text()
     assert "## Export for deployment" in readme
     assert LOAD_SNIPPET in readme
