@@ -1,4 +1,5 @@
-"""``python -m lightning_sparse.benchmark``: the 2:4 benchmark command, :mod:`lightning_sparse.semi_structured.__main__`."""
+"""``python -m lightning_sparse.benchmark``: forwards to the 2:4 benchmark command,
+:mod:`lightning_sparse.semi_structured.__main__`."""
 
 import sys
 

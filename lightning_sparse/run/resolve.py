@@ -33,7 +33,9 @@ def resolve_class(class_path: str) -> type:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"class_path={class_path!r} names no importable class ({type(err).__name__}: {err}).") from None
+        raise ValueError(
+            f"class_path={class_path!r} names no importable class ({type(err).__name__}: {err})."
+        ) from None
 
 
 def find_config(path: Path) -> dict[str, Any] | None:
