@@ -502,7 +502,7 @@ def test_nothing_converted_is_a_skip(monkeypatch, capsys):
 @pytest.fixture
 def few_runs(monkeypatch):
     """Keep the statistics floor out of the way of CPU tests that check the path, not the figures."""
-    import lightning_sparse.benchmark as cli
+    import lightning_sparse.semi_structured.__main__ as cli
     from lightning_sparse.callbacks import semi_structured as cb_module
     from lightning_sparse.semi_structured import bench
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from lightning_sparse.run.resolve import resolve_class
 
 __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series"]
 
@@ -122,10 +123,9 @@ def callbacks_of(config: dict[str, Any]) -> list[dict[str, Any]]:
 def _changes_architecture(config: dict[str, Any]) -> bool:
     """Whether a callback of the run reshapes the model during fit (Chase slimming), as train.py decides."""
     for cb in callbacks_of(config):
-        module, _, name = str(cb.get("class_path", "")).rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
+            cls = resolve_class(cb.get("class_path", ""))
+        except ValueError:
             continue
         if getattr(cls, "changes_architecture", False):
             return True
