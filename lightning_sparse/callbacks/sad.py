@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskProvider, check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
 from lightning_sparse.callbacks._sad_context import schedule_marks
@@ -25,7 +25,7 @@ from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount
 __all__ = ["SADTracker", "MaskFn"]
 
 MaskFn = Callable[[pl.LightningModule], Mapping[str, Tensor]]
-KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity")
+KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity")  # named in the error when none is found
 
 
 def _empty_history() -> dict[str, Any]:
@@ -66,8 +66,10 @@ class SADTracker(pl.Callback):
       Per-layer densities always go into :attr:`history` for the heatmap.
 
     Where the masks come from: ``mask_fn(pl_module)`` if given; otherwise every callback on
-    ``trainer.callbacks`` that implements :class:`~lightning_sparse.callbacks._base.MaskSource`
-    (``DynamicSparsity``, ``Chase``, ``NMSparsity`` or any callback with ``current_masks(pl_module)``).
+    ``trainer.callbacks`` that implements :class:`~lightning_sparse.callbacks.MaskProvider`
+    (``current_masks(pl_module)``: ``DynamicSparsity``, ``Chase``, ``NMSparsity`` or any callback of yours).
+    A :class:`~lightning_sparse.callbacks.MaskSource` (``describe()``, ``schedule_marks(trainer)``) is also
+    named in the figures' titles, gives its layers' kind and marks its schedule.
     With several sources their dicts are merged; a parameter masked by two sources gets the logical AND
     (the weights that actually stay). Callbacks with an ``active_channels(pl_module)`` method (Chase)
     also feed the active-channel history.
@@ -234,7 +236,7 @@ class SADTracker(pl.Callback):
         if self.mask_fn is not None:
             self._sources = []
             return
-        self._sources = [cb for cb in others if isinstance(cb, MaskSource)]
+        self._sources = [cb for cb in others if isinstance(cb, MaskProvider)]
         if not self._sources:
             raise ValueError(
                 "SADTracker found no mask source on trainer.callbacks "
