@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import TinyNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase
+from lightning_sparse.callbacks._slim_restore import restore_before_weights_load
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import channel_config, find_channel_config, restore_before_weights_load, restore_channel_config
+from lightning_sparse.slim import channel_config, find_channel_config, restore_channel_config
 
 KW = dict(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
           stop_dst_epochs=1, update_interval=4)

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskProvider, check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
 from lightning_sparse.callbacks._sad_context import schedule_marks
@@ -25,7 +25,7 @@ from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount
 __all__ = ["SADTracker", "MaskFn"]
 
 MaskFn = Callable[[pl.LightningModule], Mapping[str, Tensor]]
-KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity")
+KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity")  # named in the error when none is found
 
 
 def _empty_history() -> dict[str, Any]:
@@ -51,8 +51,9 @@ class SADTracker(pl.Callback):
     optimizer step ``s`` that is a multiple of ``interval`` the tracker reads the masks and logs at step
     ``s``: ``sad/global``, ``sad/global_norm`` (vs the previous measurement), ``sad/global_vs_init``,
     ``sad/global_vs_init_norm`` (vs the first), ``sad/cumulative``, ``sad/density`` and ``sad/<param>``.
-    Masks come from ``mask_fn`` if given, else from every :class:`~lightning_sparse.callbacks.MaskSource`
-    on the Trainer (merged with a logical AND). Reference masks are kept bit-packed; they and :attr:`history`
+    Masks come from ``mask_fn`` if given, else from every callback that implements
+    :class:`~lightning_sparse.callbacks.MaskProvider` (merged with a logical AND); a
+    :class:`~lightning_sparse.callbacks.MaskSource` also names itself and marks its schedule in the figures. Reference masks are kept bit-packed; they and :attr:`history`
     are in ``state_dict()``, so a resumed run continues its curves. Figures go to
     ``<trainer.log_dir>/figures/`` and to W&B on rank zero. The user guide (what is logged, mask-shape
     changes, the figures) is the SADTracker page of the documentation (``docs/callbacks/sad-tracker.md``).
@@ -199,7 +200,7 @@ class SADTracker(pl.Callback):
         if self.mask_fn is not None:
             self._sources = []
             return
-        self._sources = [cb for cb in others if isinstance(cb, MaskSource)]
+        self._sources = [cb for cb in others if isinstance(cb, MaskProvider)]
         if not self._sources:
             raise ValueError(
                 "SADTracker found no mask source on trainer.callbacks "
