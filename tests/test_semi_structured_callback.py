@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from lightning_sparse.semi_structured import (
@@ -40,12 +39,11 @@ def test_callback_argument_validation(kwargs, match):
 def test_callback_skips_on_cpu_and_run_succeeds(tmp_path, caplog):
     from lightning_sparse.callbacks import SemiStructuredBenchmark
     from tests.helpers.training import fixed_loader
+    from tests.helpers.training import trainer as make_trainer
 
     model = MLP()
     cb = SemiStructuredBenchmark(when="both")
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[cb])
+    trainer = make_trainer(tmp_path, 2, [cb])
     loader = fixed_loader(n=32, batch_size=16)
 
     class Collect(logging.Handler):  # attached to Lightning's rank-zero logger itself: no reliance on propagation
@@ -81,13 +79,12 @@ def test_callback_skips_on_cpu_and_run_succeeds(tmp_path, caplog):
 def test_callback_fit_and_test_end_with_fake_kernels(monkeypatch, tmp_path, few_runs):
     from lightning_sparse.callbacks import SemiStructuredBenchmark
     from tests.helpers.training import fixed_loader
+    from tests.helpers.training import trainer as make_trainer
 
     fake = fake_semi_structured.install(monkeypatch)
     model = MLP()
     cb = SemiStructuredBenchmark(when="both", batch_size=8, warmup=0, runs=2)
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[cb])
+    trainer = make_trainer(tmp_path, 2, [cb])
     loader = fixed_loader(n=32, batch_size=16)
     trainer.fit(model, loader)
     trainer.test(model, loader, verbose=False)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -141,18 +142,41 @@ def test_parity_failure_exits_1_and_names_the_layer(monkeypatch, capsys, few_run
 def test_cli_vit_tiny_whole_path(monkeypatch, capsys, tmp_path, few_runs):
     fake = fake_semi_structured.install(monkeypatch)
     out = tmp_path / "r.json"
+    start = time.perf_counter()
     code = benchmark_main(["--model", "vit_tiny_patch16_224", "--random-init", "--image-size", "32",
                            "--num-classes", "16", "--batch-size", "2", "--runs", "2", "--warmup", "0",
                            "--no-layers", "--search", "--json", str(out)])
+    elapsed_ms = (time.perf_counter() - start) * 1e3
     assert code == 0, capsys.readouterr()
     report = json.loads(out.read_text())["reports"][0]
     assert report["input_shape"] == [3, 32, 32]  # the ViT was built for 32 px (timm asserts the size otherwise)
     vit_blocks = 12
     assert len(report["converted"]) == 4 * vit_blocks + 1  # qkv, proj, fc1, fc2 per block, and the 16-class head
-    assert report["parity_ok"] and report["dense_ms"] > 0 and report["sparse_ms"] > 0
+    assert report["parity_ok"]
+    # one forward of a ViT-Tiny on a CPU: more than 10 µs, less than the whole command that timed it
+    assert 0.01 < report["dense_ms"] < elapsed_ms and 0.01 < report["sparse_ms"] < elapsed_ms
     assert set(report["algorithms"].values()) == {fake.search_result}
     # the searched algorithm reaches the kernel; the searched input is the layer's real 2-D shape, padded
     assert {c["alg_id"] for c in fake.mm_calls if c["weight"] != (16, 16)} >= {fake.search_result}
     # qkv (576x192) sees 2 images x 5 tokens = 10 rows, padded to 16 (a multiple of 8); the head sees 2 rows -> 8
     assert (576, 192, 16) in fake.searched and (16, 192, 8) in fake.searched
     assert "nn.Linear" not in capsys.readouterr().err
+
+
+def test_cli_reports_the_timed_figures(monkeypatch, capsys, tmp_path, few_runs):
+    """The figures are the timer's: with the timings fixed here (dense 10 ms, sparse 8 ms per call of batch 16)
+    the JSON and the printed line hold exactly what those imply."""
+    from lightning_sparse.semi_structured import Timing, bench
+
+    fake_semi_structured.install(monkeypatch)
+    monkeypatch.setattr(bench, "interleaved_times",
+                        lambda fns, warmup, runs, device: [Timing(event_ms=10.0, host_ms=1.0),
+                                                           Timing(event_ms=8.0, host_ms=1.0)])
+    out = tmp_path / "r.json"
+    argv = ["--linear", "64x64", "--runs", "2", "--warmup", "0", "--batch-size", "16", "--json", str(out)]
+    assert benchmark_main(argv) == 0
+    (report,) = json.loads(out.read_text())["reports"]
+    assert (report["dense_ms"], report["sparse_ms"]) == (10.0, 8.0)
+    assert report["speedup_e2e"] == pytest.approx(1.25)
+    assert (report["dense_img_s"], report["sparse_img_s"]) == (pytest.approx(1600.0), pytest.approx(2000.0))
+    assert "speed-up x1.250" in capsys.readouterr().out

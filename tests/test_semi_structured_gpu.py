@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import pytorch_lightning as pl
 import timm
 import torch
 from torch import nn
@@ -57,7 +56,9 @@ def test_gpu_benchmark_report_table(runner):
                                     runner=runner, device="cuda:0")
     assert len(rep.converted) == 4 * len(vit.blocks) and len(rep.layers) == len(rep.converted)
     assert rep.parity_ok, (rep.parity_max_rel_err, rep.worst_layer)
-    assert rep.dense_ms > 0 and rep.sparse_ms > 0 and rep.dense_host_ms > 0
+    # medians of single forwards of a ViT-Tiny at batch 8 on a GPU: between 1 µs and 1 s (a value in s or µs,
+    # or a NaN, falls outside)
+    assert all(1e-3 < v < 1e3 for v in (rep.dense_ms, rep.sparse_ms, rep.dense_host_ms)), rep
     fc1 = next(t for t in rep.layers if t.name == "blocks.0.mlp.fc1")
     assert fc1.input_shape == (8, 5, 192) and fc1.weight_shape == (768, 192)  # 4 patches + cls token
     if runner == "cuda-graph":  # one replay launch: the host no longer sets the pace
@@ -79,11 +80,11 @@ def test_gpu_search_sets_algorithms():
 def test_gpu_callback_runs_and_leaves_model_dense(tmp_path):
     from lightning_sparse.callbacks import SemiStructuredBenchmark
     from tests.helpers.training import fixed_loader
+    from tests.helpers.training import trainer as make_trainer
 
     model = MLP()
     cb = SemiStructuredBenchmark(when="fit_end", batch_size=32, warmup=2, runs=50)
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[cb])
+    trainer = make_trainer(tmp_path, 2, [cb])
     trainer.fit(model, fixed_loader(n=32, batch_size=16))
     assert len(cb.reports) == 1 and cb.reports[0].input_shape == (1, 8, 8)
     assert cb.reports[0].converted == ["net.1", "net.3"] and cb.reports[0].parity_ok
@@ -100,5 +101,8 @@ def test_gpu_cli_linear(capsys, tmp_path):
     reports = json.loads(out.read_text())["reports"]
     assert [r["runner"] for r in reports] == ["eager", "cuda-graph"]
     for r in reports:
-        assert r["converted"] == ["0"] and r["parity_ok"] and r["dense_ms"] > 0 and r["sparse_ms"] > 0
-        assert r["speedup_e2e"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        assert r["converted"] == ["0"] and r["parity_ok"]
+        assert 1e-3 < r["dense_ms"] < 1e3 and 1e-3 < r["sparse_ms"] < 1e3, r
+        # 2:4 halves the multiply-adds at best: beyond 2x (3x with timing noise) is not a kernel's speed-up;
+        # the formula itself is checked with fixed timings in test_semi_structured_cli.py
+        assert 0.1 < r["speedup_e2e"] < 3.0, r

@@ -42,6 +42,11 @@ def trainer(tmp_path: Any = None, max_steps: int = -1, callbacks: Sequence[pl.Ca
     return pl.Trainer(**{**options, **kwargs})
 
 
+def out_channels(config: dict[str, dict[str, int]]) -> int:
+    """Total output channels of the convolutions in a channel config (``lightning_sparse.slim.channel_config``)."""
+    return sum(c["out_channels"] for c in config.values() if "out_channels" in c)
+
+
 def optimizer_state(trainer: pl.Trainer) -> list[dict[str, torch.Tensor]]:
     return [
         {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
