@@ -196,7 +196,13 @@ def _float(value: str) -> float | None:
 
 
 def last_value(metrics: list[dict[str, str]], key: str) -> float | None:
-    """The last logged value of ``key`` in ``metrics.csv`` rows, or None if it was never logged."""
+    """The last logged value of ``key`` in ``metrics.csv`` rows, or None if it was never logged.
+
+    Example:
+        >>> rows = [{"step": "0", "val/acc": "0.5"}, {"step": "1", "val/acc": "0.75"}, {"step": "2", "val/acc": ""}]
+        >>> last_value(rows, "val/acc"), last_value(rows, "test/acc")
+        (0.75, None)
+    """
     for row in reversed(metrics):
         v = _float(row.get(key, ""))
         if v is not None:
