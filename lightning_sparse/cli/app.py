@@ -15,7 +15,7 @@ Adds to Lightning's CLI:
   ``runs/<run_name>/``;
 - running without a subcommand does ``fit`` and then ``test`` on the best checkpoint;
 - a bad value, at the command line or in YAML, whatever class it belongs to, ends the run with one line
-  naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli_errors`).
+  naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli.errors`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from lightning_sparse.cli_errors import condense, instances_of, located_error, trainer_error
-from lightning_sparse.run_summary import example_input, silence_known_warnings, summary_lines
+from lightning_sparse.cli.errors import condense, instances_of, located_error, trainer_error
+from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
 
 from lightning_sparse.loggers import WandbLogger
 from lightning_sparse.preemption import (
@@ -125,7 +125,7 @@ class SparseCLI(LightningCLI):
                 self.model.example_input_array = example
 
     def print_summary(self, fitted: bool = True) -> None:
-        """The end-of-run summary (rank zero; :mod:`lightning_sparse.run_summary`)."""
+        """The end-of-run summary (rank zero; :mod:`lightning_sparse.cli.summary`)."""
         lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None), fitted)
         title = self.prog if self.subcommand else "train.py (fit, then test)"
         _print_rank_zero("\n".join(["", f"---- {title}: summary", *lines]))
