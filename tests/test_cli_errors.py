@@ -37,8 +37,11 @@ CASES = {
     "callback constructor": (["fit", "--config", "configs/quickstart_nm24.yaml", "--sparsity.n=5"],
                              "train.py fit: error: sparsity.init_args.n=5 (lightning_sparse.callbacks.NMSparsity): "
                              "`n` must be < `m`"),
-    "model constructor": ([*QUICK, "--model.init_args.optimizer=adam"],
-                          "model.init_args.optimizer='adam' (lightning_sparse.models.ImageClassifier)"),
+    "value outside a Literal": ([*QUICK, "--model.init_args.optimizer=adam"],
+                                "model.init_args.optimizer=adam: expected one of ['sgd', 'adamw']"),
+    "model constructor": ([*QUICK, "--model.init_args.model_name=resnet181"],
+                          "model.init_args.model_name='resnet181' (lightning_sparse.models.ImageClassifier): "
+                          "Unknown timm model_name='resnet181'"),
     "data constructor": (["fit", *QUICK, "--data.init_args.batch_size=0"],
                          "data.init_args.batch_size=0 (lightning_sparse.data.DigitsDataModule): batch_size must be >= 1"),
     "trainer constructor": ([*QUICK, "--trainer.devices=0"], "train.py: error: trainer.devices='0': `Trainer(devices="),
