@@ -79,7 +79,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
 
 def test_debug_mode_shows_the_traceback(tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "JSONARGPARSE_DEBUG": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "JSONARGPARSE_DEBUG": "true"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *QUICK, "--data.init_args.batch_size=0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
