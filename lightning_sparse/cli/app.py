@@ -50,6 +50,7 @@ from lightning_sparse.cli.errors import (
     INPUT_ERRORS,
     BadValue,
     LoopsStarted,
+    class_nodes,
     debug,
     fail,
     hook_error_line,
@@ -120,10 +121,13 @@ class SparseCLI(LightningCLI):
         refused = refused_in(err)
         if refused is not None:
             return fail(self.prog, refused_line(refused, self._subconfig()))
-        if self.config_init is None or self.loops_started.started:
+        if self.loops_started.started:
             return None
-        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        line = hook_error_line(err, self._subconfig(), instances_of(init))
+        if self.config_init is None:  # raised while instantiating, outside a constructor (an argument link)
+            instances = {path: None for path, _ in class_nodes(self._subconfig())}
+        else:
+            instances = instances_of(self.config_init[self.subcommand] if self.subcommand else self.config_init)
+        line = hook_error_line(err, self._subconfig(), instances)
         return fail(self.prog, line) if line else None
 
     @override

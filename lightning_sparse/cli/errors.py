@@ -11,8 +11,8 @@ Four sources, each through what the libraries document:
 - a constructor refusing its arguments: the parser's instantiators raise
   :class:`~lightning_sparse.cli.parser.RefusedArguments` (class and arguments), located in the config;
 - ``Trainer(**config)`` raising ``ValueError``/``MisconfigurationException``;
-- a configured object refusing its input before any loop runs (a callback's ``setup`` refusing its
-  schedule, a missing data directory): :class:`LoopsStarted` tells whether a loop had started; the object
+- a configured object refusing its input before any batch runs (a callback's ``setup`` refusing its
+  schedule, a missing data directory): :class:`LoopsStarted` tells whether a batch had run; the object
   is the first configured one (``sparsity``, ``trainer.callbacks``, ``model``, ``data``) whose argument the
   message names as `` `name` `` or ``name=`` (the project's message format, STYLE.md).
 
@@ -32,8 +32,8 @@ from typing_extensions import override
 
 from lightning_sparse.cli.parser import INPUT_ERRORS, RefusedArguments
 
-__all__ = ["BadValue", "LoopsStarted", "debug", "fail", "hook_error_line", "instances_of", "mentioned_argument",
-           "option_path_of", "refused_line", "trainer_error_line"]
+__all__ = ["BadValue", "LoopsStarted", "class_nodes", "debug", "fail", "hook_error_line", "instances_of",
+           "mentioned_argument", "option_path_of", "refused_line", "trainer_error_line"]
 
 
 class BadValue(SystemExit):
@@ -53,9 +53,9 @@ def fail(prog: str, line: str) -> BadValue:
 
 
 class LoopsStarted(pl.Callback):
-    """Whether a fit/validate/test/predict loop has started: an error raised after that is a bug or a
-    numerical problem and keeps its traceback; one raised before (``setup``, ``prepare_data``) is an input
-    error. Reset at ``teardown``."""
+    """Whether a batch has run: an error raised after that is a bug or a numerical problem and keeps its
+    traceback; one raised before (``setup``, ``prepare_data``, ``on_train_start``) is an input error. The
+    sanity check's batches count until it ends; reset at ``teardown``."""
 
     def __init__(self) -> None:
         self.started = False
@@ -63,11 +63,12 @@ class LoopsStarted(pl.Callback):
     def _start(self, *args: Any) -> None:
         self.started = True
 
-    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = override(_start)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _stop(self, *args: Any) -> None:
         self.started = False
+
+    on_train_batch_start = on_validation_batch_start = override(_start)
+    on_test_batch_start = on_predict_batch_start = override(_start)
+    on_sanity_check_end = teardown = override(_stop)
 
 
 def _resolve(class_path: Any) -> Any:
@@ -82,7 +83,7 @@ def _as_dict(node: Any) -> Any:
     return vars(node) if isinstance(node, argparse.Namespace) else node
 
 
-def _nodes(config: Any, prefix: str = "") -> list[tuple[str, dict]]:
+def class_nodes(config: Any, prefix: str = "") -> list[tuple[str, dict]]:
     """``(option path, node)`` of every ``class_path`` entry of ``config``, outermost first."""
     config = _as_dict(config)
     out: list[tuple[str, dict]] = []
@@ -90,10 +91,10 @@ def _nodes(config: Any, prefix: str = "") -> list[tuple[str, dict]]:
         if "class_path" in config:
             out.append((prefix, config))
         for key, value in config.items():
-            out += _nodes(value, f"{prefix}.{key}" if prefix else str(key))
+            out += class_nodes(value, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(config, (list, tuple)):
         for i, value in enumerate(config):
-            out += _nodes(value, f"{prefix}[{i}]")
+            out += class_nodes(value, f"{prefix}[{i}]")
     return out
 
 
@@ -104,7 +105,7 @@ def _init_args(node: dict) -> dict[str, Any]:
 def option_path_of(config: Any, cls: type, kwargs: dict[str, Any] | None = None) -> tuple[str, dict] | None:
     """``(option path, node)`` of the ``class_path`` entry of ``cls`` in ``config``; with several, the one
     whose ``init_args`` agree most with ``kwargs``."""
-    found = [(path, node) for path, node in _nodes(config) if _resolve(node["class_path"]) is cls]
+    found = [(path, node) for path, node in class_nodes(config) if _resolve(node["class_path"]) is cls]
     if not found:
         return None
     kwargs = kwargs or {}
@@ -161,7 +162,7 @@ def instances_of(config_init: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def hook_error_line(err: BaseException, config: Any, instances: dict[str, Any]) -> str | None:
-    """One line for an input error a configured object raised before any loop ran, or None when no
+    """One line for an input error a configured object raised before any batch ran, or None when no
     configured object's argument is named in the message."""
     if not isinstance(err, INPUT_ERRORS):
         return None
@@ -170,8 +171,8 @@ def hook_error_line(err: BaseException, config: Any, instances: dict[str, Any]) 
     ranked = sorted(instances.items(), key=lambda item: next(
         (i for i, p in enumerate(order) if item[0] == p or item[0].startswith(p + "[")), len(order)))
     for path, obj in ranked:
-        node = next((n for p, n in _nodes(config) if p == path), None)
-        if node is None:
+        node = next((n for p, n in class_nodes(config) if p == path), None)
+        if node is None and obj is not None:
             found = option_path_of(config, type(obj))
             node = found[1] if found else None
         if node is not None and mentioned_argument(text, list(_init_args(node))):
