@@ -60,10 +60,10 @@ class LoopsStarted(pl.Callback):
     def __init__(self) -> None:
         self.started = False
 
-    def _start(self, *args: Any) -> None:
+    def _start(self, *args: Any, **kwargs: Any) -> None:
         self.started = True
 
-    def _stop(self, *args: Any) -> None:
+    def _stop(self, *args: Any, **kwargs: Any) -> None:
         self.started = False
 
     on_train_batch_start = on_validation_batch_start = override(_start)
