@@ -42,7 +42,7 @@ from torch import nn
 
 from lightning_sparse.export.runners import CUDA_RUNTIMES, GPU_DTYPES
 from lightning_sparse.export.runners import RUNTIMES as CPU_RUNTIMES
-from lightning_sparse.semi_structured.timing import interleaved_times
+from lightning_sparse.utils.timing import interleaved_times
 from lightning_sparse.slim import channel_candidates, count_flops, slim_model, zero_channels
 from lightning_sparse.sparsity.channels import (
     channel_floor,

@@ -1,7 +1,7 @@
 """Digits sweep where sparse-training methods separate: dense, SET, RigL, Chase (plain and prune skip), GMP, N:M SR-STE,
 STE and one-shot N:M of the dense run.
 
-    PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2              # the full sweep, 78 runs (README figures)
+    PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2              # the full sweep, 78 runs (docs/comparison.md)
     PYTHONPATH=. python benchmarks/digits_sweep.py --jobs 2 --densities [0.002,0.001] --nm [1to32] --out /tmp/reduced   # 22 runs
     PYTHONPATH=. python benchmarks/digits_sweep.py --dry_run true        # print the train.py commands only
 
@@ -155,7 +155,7 @@ def main(
         nm: N:M patterns of the SR-STE / STE runs, ``2to4`` (or ``"2:4"`` quoted: YAML reads 2:4 as a number).
         seeds: seeds; every (method, setting) runs once per seed.
         out: output directory of the comparison (table, figures, sweep.md); the default is where the
-            README's figures live.
+            figures of docs/comparison.md live.
         workdir: directory the runs are trained from: they land in ``<workdir>/runs/sweep_*``.
         max_epochs: override the base config's 8 epochs (Chase's schedule needs at least 5).
         image_size: override the base config's 32 px (16 px costs a quarter of the compute).

@@ -73,3 +73,22 @@ def digits_small():
     dm = DigitsDataModule(image_size=8, batch_size=32, max_shift=0)
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA device exists, with a settable capability (``fake_gpu.capability``)."""
+    from tests.helpers import fake_semi_structured
+
+    return fake_semi_structured.install(monkeypatch)
+
+
+@pytest.fixture
+def few_runs(monkeypatch):
+    """Keep the statistics floor out of the way of CPU tests that check the path, not the figures."""
+    import lightning_sparse.semi_structured.__main__ as cli
+    from lightning_sparse.callbacks import semi_structured as cb_module
+    from lightning_sparse.semi_structured import bench
+
+    for mod in (cli, bench, cb_module):
+        monkeypatch.setattr(mod, "MIN_RUNS", 2)

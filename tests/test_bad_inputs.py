@@ -1,5 +1,6 @@
 """Bad inputs at the API and CLI level: each gives one clear error naming the value, and leaves no
-half-written run directory or checkpoint behind. The README's troubleshooting table lists the same cases."""
+half-written run directory or checkpoint behind. The troubleshooting page (docs/troubleshooting.md) lists
+the same cases."""
 
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ import pytorch_lightning as pl
 import timm
 import torch
 
-from helpers.training import fixed_loader, trainer
+from helpers.training import fixed_loader, out_channels, trainer
 from lightning_sparse.callbacks import Chase, NMSparsity
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import export_slim, load_slim
+from lightning_sparse.slim import channel_config, export_slim, load_slim
 from lightning_sparse.sparsity.nm import nm_violations
 
 
@@ -19,9 +19,10 @@ def test_chase_then_nm_gives_a_slim_2to4_model(tmp_path):
     chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
                   stop_dst_epochs=1, update_interval=4, round_to=4, input_shape=(1, 16, 16))
     t = trainer(tmp_path, 9, [chase], max_epochs=3)
+    dense = channel_config(stage1)
     t.fit(stage1, fixed_loader(n=48, image_size=16))
     t.save_checkpoint(tmp_path / "chase.ckpt")
-    assert chase.arch is not None
+    assert chase.arch == channel_config(stage1) and out_channels(chase.arch) < out_channels(dense)
 
     # stage 2: the slim architecture comes back from the checkpoint; N:M owns every eligible layer
     stage2 = ImageClassifier("resnet10t", num_classes=10, in_chans=1, lr=0.02, checkpoint_path=str(tmp_path / "chase.ckpt"))

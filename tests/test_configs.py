@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers.training import trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,11 +86,6 @@ def _one_batch(model_cfg: dict, image_size: int = 32) -> tuple[ImageClassifier, 
     return model, DataLoader(TensorDataset(x, torch.tensor([1, 2])), batch_size=2)
 
 
-def _trainer(callbacks: list[pl.Callback], **kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=callbacks, **kw)
-
-
 def test_rigl_recipe_and_coverage(capsys):
     """google-research/rigl imagenet_train_eval.py: stem dense, every other conv and the fc sparse under ERK,
     ΔT x global batch = 100 x 4096 images between mask updates."""
@@ -106,7 +102,7 @@ def test_rigl_recipe_and_coverage(capsys):
     # what runs: after one optimizer step the stem conv has no zero, the fc (and every other conv) is sparse at its
     # ERK density (start_step=1: the first mask update, which would replace step 0's optimizer step, comes later)
     model, loader = _one_batch(model_cfg)
-    _trainer([DynamicSparsity(**{**rigl, "start_step": 1, "stop_step": 2})], max_steps=1).fit(model, loader)
+    trainer(None, 1, [DynamicSparsity(**{**rigl, "start_step": 1, "stop_step": 2})]).fit(model, loader)
     weights = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     sparse = {n: w for n, w in weights.items() if n != "model.conv1.weight"}
     assert torch.count_nonzero(weights["model.conv1.weight"]) == weights["model.conv1.weight"].numel()
@@ -171,7 +167,7 @@ def test_srste_coverage(tag, capsys):
 
     for name in ("model.fc", "model.layer2.0.conv2"):
         model.get_submodule(name).register_forward_hook(record(name))
-    _trainer([NMSparsity(**nm)], limit_val_batches=1).validate(model, loader, verbose=False)
+    trainer(callbacks=[NMSparsity(**nm)], limit_val_batches=1).validate(model, loader, verbose=False)
     fc, conv = model.model.fc, model.model.layer2[0].conv2
     with torch.no_grad():
         torch.testing.assert_close(seen["model.fc"][1], F.linear(seen["model.fc"][0], fc.weight, fc.bias))

@@ -59,9 +59,13 @@ def test_erk_property_budget_and_cap(dims, density):
     assert all(0 < v <= 1 + 1e-12 for v in d.values())
     counts = layer_counts(d, shapes, total=max(len(shapes), round(density * total)))
     assert sum(counts.values()) == max(len(shapes), round(density * total))
-    # within one weight of the real-valued density per layer, as long as no layer hit its bounds
     for k, s in shapes.items():
         assert 1 <= counts[k] <= math.prod(s)
+    # within one weight of the real-valued density per layer, as long as no layer hit its lower bound (a layer
+    # under one weight is raised to one, and the total is then taken from the others)
+    exact = {k: d[k] * math.prod(s) for k, s in shapes.items()}
+    if all(v >= 1 for v in exact.values()) and round(density * total) >= len(shapes):
+        assert all(abs(counts[k] - exact[k]) <= 1 for k in shapes), (counts, exact)
 
 
 def test_layer_counts_exact_within_one_weight_per_layer():

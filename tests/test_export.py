@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from helpers.training import fixed_loader, trainer
+from helpers.training import fixed_loader, out_channels, trainer
 from lightning_sparse.callbacks import Chase, NMSparsity
 from lightning_sparse.export import (
     LOAD_SNIPPET,
@@ -33,7 +33,7 @@ from lightning_sparse.export import (
 )
 from lightning_sparse.export.__main__ import main
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import export_slim
+from lightning_sparse.slim import channel_config, export_slim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -55,8 +55,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     chase = Chase(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
                   stop_dst_epochs=1, update_interval=2, round_to=4, input_shape=(1, SIZE, SIZE))
     t = trainer(tmp, 4, [chase], max_epochs=2)
+    dense = channel_config(stage1)
     t.fit(stage1, fixed_loader(n=32, image_size=SIZE))
-    assert chase.slimmed and chase.arch is not None
+    assert chase.slimmed and chase.arch == channel_config(stage1) and out_channels(chase.arch) < out_channels(dense)
     t.save_checkpoint(tmp / "chase.ckpt")
     stage2 = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.02, checkpoint_path=str(tmp / "chase.ckpt"))
     t2 = trainer(tmp / "nm", 2, [NMSparsity(n=2, m=4)])
@@ -350,7 +351,7 @@ def test_package_imports_without_onnx():
     assert "ONNX export needs 'onnx'" in proc.stdout and "pip install -r requirements.txt" in proc.stdout
 
 
-def test_readme_shows_the_tested_load_snippet():
-    readme = (ROOT / "README.md").read_text()
+def test_export_page_shows_the_tested_load_snippet():
+    readme = (ROOT / "docs" / "export.md").read_text()
     assert "## Export for deployment" in readme
     assert LOAD_SNIPPET in readme

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from helpers.training import fixed_loader
+from helpers.training import trainer as make_trainer
 
 from lightning_sparse.callbacks import Chase, DynamicSparsity, NMSparsity, SADTracker
 
 
 def _smoke(tmp_path: Path, callbacks: list[pl.Callback], module: pl.LightningModule, n: int = 2) -> pl.Trainer:
-    trainer = pl.Trainer(fast_dev_run=n, callbacks=callbacks, accelerator="cpu", devices=1, default_root_dir=tmp_path,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = make_trainer(tmp_path, callbacks=callbacks, fast_dev_run=n, logger=True, enable_checkpointing=True)
     trainer.fit(module, fixed_loader())
     return trainer
 

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
+from helpers.training import trainer as make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -14,15 +15,6 @@ from lightning_sparse.callbacks import NMSparsity
 from lightning_sparse.callbacks._base import MaskSource
 from lightning_sparse.models import ImageClassifier
 from lightning_sparse.sparsity.nm import nm_mask, nm_violations
-
-
-def _trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
-    kw.setdefault("max_steps", 6)
-    return pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-        deterministic=True, **kw,
-    )
 
 
 def _reference_forward(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -65,7 +57,7 @@ def test_tiny_net_forward_is_nm_after_every_step(tiny_net, digits_small, tmp_pat
     nm = NMSparsity(n=2, m=4, mode=mode)
     check = _CheckForwardIsNM(nm)
     with pytest.warns(UserWarning, match=r"skips 1 layer\(s\), left dense: stem.weight \(16, 1, 3, 3\)"):
-        _trainer(tmp_path, [nm, check], max_steps=5).fit(tiny_net, digits_small.train_dataloader())
+        make_trainer(tmp_path, 5, [nm, check], num_sanity_val_steps=0).fit(tiny_net, digits_small.train_dataloader())
     assert check.checked == 5
     assert nm.targets == ["body.0.weight", "body.3.weight", "head.weight"]
     assert isinstance(nm, MaskSource)
@@ -79,7 +71,7 @@ def test_image_classifier_forward_is_nm_and_eval_uses_masks(digits_small, tmp_pa
     model = ImageClassifier("resnet10t", num_classes=10, in_chans=1, lr=0.05)
     nm = NMSparsity(n=1, m=4, layout="flattened", exclude=["model.fc.*"])
     check = _CheckForwardIsNM(nm)
-    trainer = _trainer(tmp_path, [nm, check], max_steps=3, limit_val_batches=1)
+    trainer = make_trainer(tmp_path, 3, [nm, check], num_sanity_val_steps=0, limit_val_batches=1)
     with pytest.warns(UserWarning, match="skips"):
         trainer.fit(model, digits_small.train_dataloader(), digits_small.val_dataloader())
     assert check.checked == 3
@@ -100,7 +92,7 @@ def test_baked_checkpoint_loads_into_plain_timm(digits_small, tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet10t", num_classes=10, in_chans=1, lr=0.05)
     nm = NMSparsity(n=2, m=4)
-    trainer = _trainer(tmp_path, [nm], max_steps=4)
+    trainer = make_trainer(tmp_path, 4, [nm], num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="skips"):
         trainer.fit(model, digits_small.train_dataloader())
     x = next(iter(digits_small.val_dataloader()))[0][:8]
@@ -131,10 +123,7 @@ def _fit_tiny(root, loader, max_steps, ckpt_path=None):
     model = TinyNet()
     nm = NMSparsity(n=2, m=4, decay=lambda step: 1e-3 * (step + 1))
     ckpt = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=3, save_top_k=-1)
-    trainer = pl.Trainer(
-        default_root_dir=root, accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[nm, ckpt], num_sanity_val_steps=0, deterministic=True,
-    )
+    trainer = make_trainer(root, max_steps, [nm, ckpt], enable_checkpointing=True, num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="skips"):
         trainer.fit(model, loader, ckpt_path=ckpt_path)
     return model, nm
@@ -164,7 +153,7 @@ def test_dense_warmup_then_masking(tiny_net, digits_small, tmp_path):
             seen.append(nm.masking)
 
     nm = NMSparsity(dense_warmup_steps=2, include=["body.*", "head.weight"])
-    _trainer(tmp_path, [nm, Record()], max_steps=4).fit(tiny_net, digits_small.train_dataloader())
+    make_trainer(tmp_path, 4, [nm, Record()], num_sanity_val_steps=0).fit(tiny_net, digits_small.train_dataloader())
     assert seen == [False, False, True, True]
     assert nm.targets == ["body.0.weight", "body.3.weight", "head.weight"] and nm.skipped == {}
 
@@ -220,7 +209,7 @@ def test_optimizer_sees_the_exact_srste_gradient(tiny_net, digits_small, tmp_pat
 
     from tests.conftest import TinyNet
 
-    _trainer(tmp_path, [nm, Check()], max_steps=2, accumulate_grad_batches=accumulate).fit(
+    make_trainer(tmp_path, 2, [nm, Check()], num_sanity_val_steps=0, accumulate_grad_batches=accumulate).fit(
         tiny_net, digits_small.train_dataloader())
     assert seen["checked"] == 2
 
@@ -311,11 +300,7 @@ def test_ddp_two_processes_hold_equal_masks(digits_small, tmp_path):
     pl.seed_everything(0)
     nm = NMSparsity(n=2, m=4)
     out = str(tmp_path / "masks.pt")
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[nm, _GatherMasks(nm, out)],
-    )
+    trainer = make_trainer(tmp_path, 4, [nm, _GatherMasks(nm, out)], devices=2, strategy="ddp_spawn")
     trainer.fit(TinyNet(), digits_small.train_dataloader())
     saved = torch.load(out, weights_only=False)
     assert saved["gathered"].shape[0] == 2

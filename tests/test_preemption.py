@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conftest import TinyNet
 from helpers.training import assert_equal_nested
+from helpers.training import trainer as make_trainer
 from lightning_sparse.callbacks import DynamicSparsity, SADTracker
 from lightning_sparse.data import DigitsDataModule, FakeDataModule
 from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint, find_last_checkpoint
@@ -75,11 +76,10 @@ def _fit(root: Path, epochs: int, callbacks: list, ckpt_path: str | None = None,
     dm = DigitsDataModule(image_size=8, batch_size=16, max_shift=1, num_workers=num_workers)
     rec = Record()
     extra = [DynamicSparsity(density=0.3, update_interval=2, drop_fraction=0.3), SADTracker(interval=2)] if sparse else []
-    trainer = pl.Trainer(
-        default_root_dir=str(root), max_epochs=epochs, limit_train_batches=BATCHES, limit_val_batches=2,
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=True, plugins=[AtomicCheckpointIO()],
-        callbacks=[*extra, rec, *callbacks], **kwargs,
+    trainer = make_trainer(
+        root, callbacks=[*extra, rec, *callbacks], max_epochs=epochs, limit_train_batches=BATCHES,
+        limit_val_batches=2, enable_checkpointing=True, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
+        **kwargs,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return trainer, rec

@@ -59,8 +59,7 @@ class ManualMLP(pl.LightningModule):
 def test_stop_epoch_counts_real_optimizer_steps(tmp_path, make, trainer_kw):
     dst = DynamicSparsity(density=0.5, update_interval=1, stop_epoch=2, sparse_first_last=True)
     count = StepsPerEpoch(dst)
-    t = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=[dst, count], **trainer_kw)
+    t = trainer(tmp_path, callbacks=[dst, count], **trainer_kw)
     t.fit(make(), fixed_loader())
     assert count.stop == 2 * count.per_epoch[0]
     assert count.total == t.global_step  # the whole fit, as it actually ran

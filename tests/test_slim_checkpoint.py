@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TinyNet
-from helpers.training import fixed_loader, trainer
+from helpers.training import fixed_loader, out_channels, trainer
 from lightning_sparse.callbacks import Chase
+from lightning_sparse.callbacks._slim_restore import restore_before_weights_load
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import channel_config, find_channel_config, restore_before_weights_load, restore_channel_config
+from lightning_sparse.slim import channel_config, find_channel_config, restore_channel_config
 
 KW = dict(density=0.3, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
           stop_dst_epochs=1, update_interval=4)
@@ -66,8 +67,10 @@ def _train_slim(tmp_path, module: pl.LightningModule, input_shape, image_size) -
     pl.seed_everything(0)
     chase = Chase(**KW, input_shape=input_shape)
     t = trainer(tmp_path, 9, [chase], max_epochs=3)
+    dense = channel_config(module)
     t.fit(module, fixed_loader(n=48, image_size=image_size))
-    assert chase.slimmed and chase.arch is not None  # the network really was slimmed
+    assert chase.slimmed and chase.arch == channel_config(module)  # the network really was slimmed
+    assert out_channels(chase.arch) < out_channels(dense)
     path = str(tmp_path / "slim.ckpt")
     t.save_checkpoint(path)
     return path
@@ -75,8 +78,7 @@ def _train_slim(tmp_path, module: pl.LightningModule, input_shape, image_size) -
 
 def _evaluate(module, ckpt, x, y, callbacks=()):
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=list(callbacks))
+    t = trainer(callbacks=callbacks, enable_checkpointing=True)
     val = t.validate(module, loader, ckpt_path=ckpt, verbose=False)[0]
     test = t.test(module, loader, ckpt_path=ckpt, verbose=False)[0]
     preds = t.predict(module, DataLoader(x, batch_size=len(x)), ckpt_path=ckpt)
@@ -152,7 +154,7 @@ def foreign(tmp_path_factory):
 def test_foreign_module_needs_the_rebuild(foreign):
     """Without Chase and without the hook, Lightning cannot load the slim weights: the rebuild is what works."""
     _, ckpt, x, y = foreign
-    t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    t = trainer(enable_checkpointing=True)
     with pytest.raises(RuntimeError, match="size mismatch"):
         t.test(Foreign(), DataLoader(TensorDataset(x, y), batch_size=len(x)), ckpt_path=ckpt, verbose=False)
 
@@ -229,8 +231,7 @@ def test_lightning_loads_weights_through_the_strategy_after_setup(foreign, stage
     _, ckpt, x, y = foreign
     probe = _Probe()
     module = _Hooked(probe)
-    t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[probe])
+    t = trainer(callbacks=[probe], enable_checkpointing=True)
     restore_before_weights_load(t, lambda m: torch.randn(1, 1, 8, 8))  # installed before the probe's wrapper
     loader = DataLoader(x, batch_size=len(x)) if stage == "predict" else DataLoader(TensorDataset(x, y), batch_size=64)
     getattr(t, stage)(module, loader, ckpt_path=ckpt)
@@ -242,7 +243,7 @@ def test_lightning_loads_weights_through_the_strategy_after_setup(foreign, stage
 def test_shim_reads_the_module_at_call_time(foreign):
     """Installed once on a trainer, the shim rebuilds whichever module that trainer runs next."""
     model, ckpt, x, y = foreign
-    t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    t = trainer(enable_checkpointing=True)
     restored = []
     restore_before_weights_load(t, lambda m: torch.randn(1, 1, 8, 8), lambda m, cfg: restored.append(m))
     restore_before_weights_load(t, lambda m: torch.randn(1, 1, 8, 8), lambda m, cfg: restored.append(m))  # no double wrap

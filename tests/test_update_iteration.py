@@ -20,7 +20,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
 from conftest import TinyNet
-from helpers.training import fixed_loader
+from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase, DynamicSparsity
 
 
@@ -84,9 +84,7 @@ class Watch(pl.Callback):
 def _fit(model, cb, **kw):
     first, last = Watch(cb, before=True), Watch(cb, before=False)
     first.partner = last
-    t = pl.Trainer(default_root_dir="/tmp/iteration", accelerator="cpu", devices=1, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=[first, cb, last], **kw)
+    t = trainer("/tmp/iteration", callbacks=[first, cb, last], **kw)
     t.fit(model, fixed_loader())
     assert last.rows, "no mask update happened"
     return last.rows
@@ -201,8 +199,7 @@ def test_manual_optimization_with_two_optimizers_is_refused(method):
     cb = (DynamicSparsity(density=0.3) if method == "rigl" else
           Chase(density=0.3, channel_sparsity=0.0, stop_gmp_epochs=1, channel_interval_epochs=1, stop_dst_epochs=1,
                 input_shape=(1, 8, 8)))
-    t = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    t = trainer(callbacks=[cb], max_epochs=3)
     with pytest.raises(ValueError, match=r"supports manual optimization with one optimizer, got 2"):
         t.fit(TwoOptimizers(), fixed_loader())
 
@@ -212,9 +209,8 @@ def test_rigl_with_a_fused_optimizer_under_a_gradscaler_is_refused():
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
 
-    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=[DynamicSparsity(density=0.3)],
-                   plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    t = trainer(None, 2, [DynamicSparsity(density=0.3)],
+                plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
     with pytest.raises(ValueError, match=r"a GradScaler cannot follow with a fused optimizer \(Adam, fused=True\)"):
         t.fit(Fused(), fixed_loader())
 

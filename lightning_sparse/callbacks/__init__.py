@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_sparse.callbacks._base import MaskSource
+from lightning_sparse.callbacks._base import MaskProvider, MaskSource, MaskSourceInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_sparse.callbacks.chase import Chase
@@ -31,7 +31,7 @@ _MODULES = {
     "SemiStructuredBenchmark": "semi_structured",
 }
 
-__all__ = ["MaskSource", *_MODULES]
+__all__ = ["MaskProvider", "MaskSource", "MaskSourceInfo", *_MODULES]
 
 
 def __getattr__(name: str) -> Any:

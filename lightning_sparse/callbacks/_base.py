@@ -1,26 +1,69 @@
-"""The one small interface every mask source implements, so SAD tracking and plots find masks."""
+"""The small interfaces every mask source implements, so SAD tracking and the figures find and describe
+masks without knowing the callbacks' classes; and helpers the callbacks share."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["MaskSource", "log_metrics", "check_strategy", "example_input"]
+__all__ = ["MaskProvider", "MaskSource", "MaskSourceInfo", "log_metrics", "check_strategy", "example_input"]
+
+
+@dataclass(frozen=True)
+class MaskSourceInfo:
+    """What a mask source says about itself, for figure titles, the layer chart and run summaries.
+
+    Attributes:
+        method: a short label, e.g. ``"RigL (ERK, density 0.1)"`` or ``"2:4 SR-STE"``.
+        kind: what its masks look like in a layer: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
+        density: the kept fraction it aims at in the layers it masks (``None``: not fixed).
+        n: kept weights per group of an N:M pattern (``None`` otherwise).
+        m: the group size of an N:M pattern (``None`` otherwise).
+    """
+
+    method: str
+    kind: str = "unstructured"
+    density: float | None = None
+    n: int | None = None
+    m: int | None = None
 
 
 @runtime_checkable
-class MaskSource(Protocol):
-    """Anything that can report the current sparsity masks of a LightningModule.
+class MaskProvider(Protocol):
+    """Anything that can report the current sparsity masks of a LightningModule (all SAD tracking needs).
 
     ``current_masks`` returns ``{parameter name from named_parameters(): bool tensor of the
     parameter's shape}`` (True = weight kept). DynamicSparsity and Chase return their explicit masks;
-    NMSparsity derives them from the weights. A user's own callback only needs this one method.
+    NMSparsity derives them from the weights.
     """
 
     def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class MaskSource(MaskProvider, Protocol):
+    """A mask method: its masks, what it is, and when its topology changes.
+
+    :class:`~lightning_sparse.callbacks.SADTracker` finds every :class:`MaskProvider` on
+    ``trainer.callbacks``; a :class:`MaskSource` also names the method in the figures (``describe``), gives
+    its layers' kind to the per-layer chart, and marks its schedule (``schedule_marks``). A new method
+    (DynamicSparsity, Chase and NMSparsity are three) plugs in by implementing these three methods.
+
+    Read when present (duck typing): an ``int`` attribute ``num_updates`` (mask updates so far: the figures
+    mark the steps where it grew) and ``active_channels(pl_module) -> {layer: channels}`` (channel history).
+    """
+
+    def describe(self) -> MaskSourceInfo:
+        """The method label and the facts about its masks (see :class:`MaskSourceInfo`)."""
+        ...
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """``{label: optimizer step}`` where the schedule changes, e.g. ``{"DST stop": 7500}``; ``{}`` if none."""
+        ...
 
 
 @rank_zero_only

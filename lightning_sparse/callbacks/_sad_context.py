@@ -2,9 +2,9 @@
 themselves: the run and the method, the steps of mask updates and channel removals, the schedule's stop
 steps, and every conv/linear layer of the model (masked or dense) with the kind of sparsity it carries.
 
-Everything is read from public attributes of the mask sources (duck typing, no imports of their classes):
-``num_updates`` (a counter of mask updates), ``active_channels()``, ``resolved_stop_step(trainer)``,
-``schedule`` (Chase's :class:`~lightning_sparse.sparsity.chase.ChaseSchedule`), ``n``/``m``.
+Everything is read through the :class:`~lightning_sparse.callbacks.MaskSource` protocol (``describe()``,
+``schedule_marks(trainer)``) and its optional ``num_updates`` / ``active_channels(pl_module)``, never from
+the sources' classes. A provider with only ``current_masks`` is named by its class and marks nothing.
 """
 
 from __future__ import annotations
@@ -13,33 +13,30 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from lightning_sparse.callbacks._base import MaskSource, MaskSourceInfo
 from lightning_sparse.sparsity.targets import candidate_weights
 
-__all__ = ["describe_method", "run_label", "layer_kinds", "schedule_marks", "EventWatcher"]
+__all__ = ["describe_source", "describe_method", "run_label", "layer_kinds", "schedule_marks", "EventWatcher"]
 
 MASK_UPDATE, CHANNEL_REMOVAL = "mask update", "channel removal"
 
 
-def _describe(source: Any) -> str:
-    kind = type(source).__name__
-    if kind == "DynamicSparsity":
-        growth = "RigL" if source.growth == "gradient" else "SET"
-        return f"{growth} ({source.distribution.upper()}, density {source.density:g})"
-    if kind == "Chase":
-        return f"Chase (density {source.density:g}, channel sparsity {source.channel_sparsity:g})"
-    if kind in ("GradualMagnitudePruning", "OneShotPruning"):
-        label = "GMP" if kind == "GradualMagnitudePruning" else "one-shot"
-        return f"{label} ({source.n}:{source.m})" if getattr(source, "pattern", "") == "nm" else f"{label} (density {source.density:g})"
-    if kind == "NMSparsity":
-        return f"{source.n}:{source.m} {'SR-STE' if source.mode == 'srste' else 'STE'}"
-    return kind
+def describe_source(source: Any) -> MaskSourceInfo:
+    """``source.describe()`` for a :class:`~lightning_sparse.callbacks.MaskSource`; a provider with only
+    ``current_masks`` is described by its class name, with unstructured masks."""
+    if isinstance(source, MaskSource):
+        info = source.describe()
+        if not isinstance(info, MaskSourceInfo):
+            raise TypeError(f"{type(source).__name__}.describe() must return a MaskSourceInfo, got {type(info).__name__}.")
+        return info
+    return MaskSourceInfo(method=type(source).__name__)
 
 
 def describe_method(sources: list[Any], mask_fn: Any) -> str:
     """One short method label, e.g. ``"RigL (ERK, density 0.1)"`` or ``"2:4 SR-STE"``."""
     if mask_fn is not None:
         return f"masks from mask_fn {getattr(mask_fn, '__name__', type(mask_fn).__name__)}"
-    return " + ".join(_describe(s) for s in sources) or "no mask source"
+    return " + ".join(describe_source(s).method for s in sources) or "no mask source"
 
 
 def run_label(trainer: pl.Trainer) -> str:
@@ -56,8 +53,7 @@ def layer_kinds(pl_module: pl.LightningModule | None, sources: list[Any], masks:
     """Every conv/linear weight: ``{"numel", "kind"}``; kind is ``"N:M"``, ``"unstructured"`` or ``"dense"``."""
     owner: dict[str, str] = {}
     for source in sources:
-        nm = type(source).__name__ == "NMSparsity" or getattr(source, "pattern", None) == "nm"
-        kind = f"{source.n}:{source.m}" if nm else "unstructured"
+        kind = describe_source(source).kind
         for name in source.current_masks(pl_module):
             owner.setdefault(name, kind)
     names = candidate_weights(pl_module) if pl_module is not None else []
@@ -70,20 +66,11 @@ def layer_kinds(pl_module: pl.LightningModule | None, sources: list[Any], masks:
 
 
 def schedule_marks(trainer: pl.Trainer, sources: list[Any]) -> dict[str, int]:
-    """Stop/start steps of the sources' schedules that fall inside training."""
+    """Stop/start steps of the sources' schedules (``MaskSource.schedule_marks``), merged in source order."""
     marks: dict[str, int] = {}
     for source in sources:
-        kind = type(source).__name__
-        try:
-            if kind == "DynamicSparsity":
-                marks["DST stop"] = int(source.resolved_stop_step(trainer))
-            elif kind == "Chase" and getattr(source, "schedule", None) is not None:
-                sched = source.schedule
-                if source.channel_sparsity > 0:
-                    marks["channel schedule end"] = int(sched.channel_stop)
-                marks["phase 2 (strict budget) start"] = int(sched.phase2_start)
-        except ValueError:  # e.g. an iterable dataset without a length: no stop step to mark
-            continue
+        if isinstance(source, MaskSource):
+            marks.update({str(k): int(v) for k, v in source.schedule_marks(trainer).items()})
     return marks
 
 

@@ -21,16 +21,13 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy, example_input, log_metrics
+from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, example_input, log_metrics
 from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
-from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops
-from lightning_sparse.slim import restore_before_weights_load, slim_model
-from lightning_sparse.sparsity.channels import channel_floor, group_channel_scores, n_channels_to_remove
-from lightning_sparse.sparsity.channels import select_channels_to_remove
-from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, budget_targets, check_chase_args
-from lightning_sparse.sparsity.chase import soft_bound_update, strict_budget_update
-from lightning_sparse.sparsity.chase import cap_budget, total_weights_of_old_state
+from lightning_sparse.callbacks._slim_restore import restore_before_weights_load
+from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops, slim_model
+from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, cap_budget, check_chase_args
+from lightning_sparse.sparsity.chase import plan_channel_removal, scheduled_update, total_weights_of_old_state
 from lightning_sparse.sparsity.dst import initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.targets import select_targets
@@ -168,7 +165,19 @@ class Chase(pl.Callback):
 
     def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         """The live masks (``MaskSource`` protocol)."""
-        return self.engine.masks
+        return dict(self.engine.masks)
+
+    def describe(self) -> MaskSourceInfo:
+        """``"Chase (density 0.1, channel sparsity 0.4)"``, unstructured masks (MaskSource protocol)."""
+        return MaskSourceInfo(method=f"Chase (density {self.density:g}, channel sparsity {self.channel_sparsity:g})",
+                              density=self.density)
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """The end of the channel schedule and the start of phase 2, once training started (MaskSource protocol)."""
+        if self.schedule is None:
+            return {}
+        marks = {"channel schedule end": int(self.schedule.channel_stop)} if self.channel_sparsity > 0 else {}
+        return {**marks, "phase 2 (strict budget) start": int(self.schedule.phase2_start)}
 
     def active_channels(self, pl_module: pl.LightningModule | None = None) -> dict[str, int]:
         """Candidate layer -> channels still active (for logging and SAD plots)."""
@@ -276,9 +285,8 @@ class Chase(pl.Callback):
         selection = select_targets(pl_module, self.include, self.exclude, first_last=not self.sparse_first_last,
                                    owner="Chase")
         params = dict(pl_module.named_parameters())
-        self.engine.masks = initial_masks({n: params[n] for n in selection.names}, self.density, self.distribution,
-                                          self._generator(-1))
-        self.engine.bind(pl_module)
+        self.engine.set_masks(initial_masks({n: params[n] for n in selection.names}, self.density, self.distribution,
+                                            self._generator(-1)), pl_module)
         self.engine.apply_weights()
         self.budget = sum(int(m.sum()) for m in self.masks.values())
         self.total_weights = sum(m.numel() for m in self.masks.values())
@@ -307,13 +315,9 @@ class Chase(pl.Callback):
             self.dense_flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
 
     def _hook_checkpoint_loading(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-slim the model from a checkpoint's channel config right before its weights load, in every stage.
-
-        Lightning restores the model weights (strictly) before any callback state, and offers a callback
-        no public hook in between, so :func:`~lightning_sparse.slim.restore_before_weights_load` (the one
-        compatibility shim, see :mod:`lightning_sparse.slim.checkpoint`) rebuilds the architecture for
-        ``fit``, ``validate``, ``test`` and ``predict`` alike, without anything from the LightningModule.
-        """
+        """Re-slim the model from a checkpoint's channel config right before its weights load, in every stage,
+        through the one compatibility shim :mod:`lightning_sparse.callbacks._slim_restore` (Lightning offers a
+        callback no public hook between the two)."""
         restore_before_weights_load(trainer, lambda module: self.example_inputs(trainer, module),
                                     self._run_restore_architecture)
 
@@ -324,22 +328,13 @@ class Chase(pl.Callback):
 
     def _run_channel_removal(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.schedule is not None
-        s_t = self.schedule.channel_target(step)
-        masks, named = self.engine.enforced(), dict(pl_module.named_parameters())
-        scores = {k: group_channel_scores([named[w] for w in g.producer_weights],
-                                          [masks.get(w) for w in g.producer_weights], self.score).cpu()
-                  for k, g in self.groups.items()}
-        active = {k: self.channels.active_flags(k, g.channels) for k, g in self.groups.items()}
-        n_active = sum(int(a.sum()) for a in active.values())
-        n_remove = n_channels_to_remove(n_active, sum(self.channels.start.values()), s_t)
-        if n_remove == 0:
+        s_t, named = self.schedule.channel_target(step), dict(pl_module.named_parameters())
+        plan = plan_channel_removal({k: g.producer_weights for k, g in self.groups.items()}, named,
+                                    self.engine.enforced(), self.channels, {k: g.channels for k, g in self.groups.items()},
+                                    s_t, self.channel_sparsity, self.minimum_ratio, self.score)
+        if plan.count == 0:
             return
-        # floors are in original channels; slimmed channels are already gone from `active`
-        floors = {k: channel_floor(self.channels.start[k], self.channel_sparsity, self.minimum_ratio) for k in self.groups}
-        chosen = select_channels_to_remove(scores, active, floors, n_remove)
-        for layer, idx in chosen.items():
-            if idx.numel() == 0:
-                continue
+        for layer, idx in plan.chosen.items():
             self.channels.remove(layer, idx.tolist())
             for name, (dim, pos) in self.groups[layer].indices(idx).items():
                 self.engine.block(name, named[name], dim, pos)  # never grows again
@@ -349,30 +344,21 @@ class Chase(pl.Callback):
         self.budget = cap_budget(self.budget, self.engine.params, self.masks, self.engine.allowed)
         self.engine.enforce(trainer.optimizers)
         self.pending_slim = self.slim == "during"
-        rank_zero_info(f"Chase: step {step}: channel sparsity target {s_t:.3f}, removed {n_remove} channels")
+        rank_zero_info(f"Chase: step {step}: channel sparsity target {s_t:.3f}, removed {plan.count} channels")
         self._log_channels(trainer, step - 1)
 
     def _run_update(self, trainer: pl.Trainer, step: int, grads: dict[str, torch.Tensor | None]) -> None:
         assert self.schedule is not None
-        gen, params = self._generator(step), self.engine.params
-        targets = budget_targets(params, self.masks, self.engine.allowed, self.budget)
-        if not self.schedule.in_phase2(step):  # phase 1: soft memory bound
-            rate = self.schedule.phase1_fraction(step)  # r_t
-            update = soft_bound_update(params, self.masks, grads, self.budget, rate * self.total_weights,
-                                       self.growth, gen, self.engine.allowed, self.phase1, targets)
-            key, phase = "dst/carry_fraction", 1
-        else:  # phase 2: strict budget, per-layer RigL towards the redistributed ERK counts
-            rate = self.schedule.phase2_fraction(step)  # p_t
-            update = strict_budget_update(params, self.masks, grads, rate, targets, self.growth, gen,
-                                          self.engine.allowed)
-            key, phase = "dst/drop_fraction", 2
-        self.engine.masks = update.masks
+        update = scheduled_update(self.schedule, step, self.engine.params, self.masks, grads, self.engine.allowed,
+                                  self.budget, self.total_weights, self.growth, self._generator(step), self.phase1)
+        self.engine.replace_masks(update.masks)
         self.num_updates += 1
         # a weight pruned and regrown in the same update restarts at 0 (the reference prunes, applies the
         # mask, then grows); dropped weights and their optimizer state go to 0, grown ones are 0 already
         self.engine.reset({n: update.pruned[n] & update.masks[n] for n in update.masks}, trainer.optimizers)
         self.engine.enforce(trainer.optimizers)
-        self._log(trainer, {key: rate, "dst/regrown": float(update.grown), "dst/phase": float(phase),
+        key = "dst/carry_fraction" if update.phase == 1 else "dst/drop_fraction"
+        self._log(trainer, {key: update.rate, "dst/regrown": float(update.grown), "dst/phase": float(update.phase),
                             "dst/active_weights": float(sum(int(m.sum()) for m in self.masks.values()))}, step - 1)
 
     def _run_slim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -386,15 +372,11 @@ class Chase(pl.Callback):
         for layer, idx in result.removed.items():
             self.channels.mark_slimmed(layer, list(idx))
         # rounding may keep some removed channels: they stay zero through `allowed`
-        for store in (self.engine.masks, self.engine.allowed):
-            for name in list(store):
-                store[name] = result.slice(name, store[name])
-        self.engine.swap_parameters(trainer.optimizers, old_params, dict(pl_module.named_parameters()), result.slice)
-        self.engine.allowed = {k: v for k, v in self.engine.allowed.items() if not bool(v.all())}
+        self.engine.slice_masks(result.slice, pl_module)
+        self.engine.repoint_optimizers(trainer.optimizers, old_params, pl_module, result.slice)
         self.arch = channel_config(pl_module)
         self.groups = {}
         self._run_find_candidates(trainer, pl_module)
-        self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         flops = count_flops(pl_module, self.example_inputs(trainer, pl_module))
         self.flops_ratio = flops / self.dense_flops if self.dense_flops else 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration, skip_optimizer_step
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
@@ -133,8 +134,8 @@ class DynamicSparsity(pl.Callback):
         return self._generate_state_key(density=self.density, distribution=self.distribution, growth=self.growth)
 
     @property
-    def masks(self) -> Masks:
-        """``{parameter name: bool mask}`` of the sparse layers (True = kept)."""
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """``{parameter name: bool mask}`` of the sparse layers (True = kept; a read-only view)."""
         return self.engine.masks
 
     # ----------------------------------------------------------------------------------- public API
@@ -149,7 +150,20 @@ class DynamicSparsity(pl.Callback):
 
     def current_masks(self, pl_module: pl.LightningModule) -> Masks:
         """The live masks (``MaskSource`` protocol)."""
-        return self.engine.masks
+        return dict(self.engine.masks)
+
+    def describe(self) -> MaskSourceInfo:
+        """``"RigL (ERK, density 0.1)"`` or ``"SET (...)"``, unstructured masks (MaskSource protocol)."""
+        growth = "RigL" if self.growth == "gradient" else "SET"
+        return MaskSourceInfo(method=f"{growth} ({self.distribution.upper()}, density {self.density:g})",
+                              density=self.density)
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """``{"DST stop": step}``; ``{}`` when training has no known length (MaskSource protocol)."""
+        try:
+            return {"DST stop": int(self.resolved_stop_step(trainer))}
+        except ValueError:  # e.g. an iterable dataset without a length: no stop step to mark
+            return {}
 
     def resolved_stop_step(self, trainer: pl.Trainer) -> int:
         """The optimizer step at which mask updates stop (an explicit ``stop_step`` always wins)."""
@@ -231,9 +245,8 @@ class DynamicSparsity(pl.Callback):
         names = self.target_names(pl_module)
         params = dict(pl_module.named_parameters())
         total = sum(params[n].numel() for n in names)
-        self.engine.masks = initial_masks({n: params[n] for n in names}, self.density, self.distribution,
-                                          self._generator(-1))
-        self.engine.bind(pl_module)
+        self.engine.set_masks(initial_masks({n: params[n] for n in names}, self.density, self.distribution,
+                                            self._generator(-1)), pl_module)
         self.engine.apply_weights()
         dense = f"; kept dense as first/last: {', '.join(self._excluded)}" if self._excluded else ""
         rank_zero_info(
@@ -250,12 +263,12 @@ class DynamicSparsity(pl.Callback):
         alpha = cosine_drop_fraction(step - start, stop - start, self.drop_fraction)
         gen = self._generator(step)
         swapped = 0
-        params = self.engine.params
+        params, updated = self.engine.params, {}
         for name, mask in self.engine.masks.items():
             n_swap = int(alpha * int(mask.sum()))
-            new = drop_grow(params[name], mask, n_swap, self.growth, grads.get(name), gen)
-            swapped += int((new & ~mask).sum())
-            self.engine.masks[name] = new
+            updated[name] = drop_grow(params[name], mask, n_swap, self.growth, grads.get(name), gen)
+            swapped += int((updated[name] & ~mask).sum())
+        self.engine.replace_masks(updated)
         self.num_updates += 1
         # Dropped weights and their optimizer state go to 0 now; grown ones are 0 already.
         self.engine.enforce(trainer.optimizers)

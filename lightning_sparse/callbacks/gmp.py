@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
@@ -138,7 +138,20 @@ class GradualMagnitudePruning(pl.Callback):
 
     def current_masks(self, pl_module: pl.LightningModule) -> Masks:
         """The live masks (``MaskSource`` protocol)."""
-        return self.engine.masks
+        return dict(self.engine.masks)
+
+    def describe(self) -> MaskSourceInfo:
+        """``"GMP (density 0.1)"``, unstructured masks (MaskSource protocol)."""
+        return MaskSourceInfo(method=f"GMP (density {self.density:g})", density=self.density)
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """``{"GMP start": t0, "GMP stop": t0 + nΔt}``; only the start when training has no known length."""
+        marks = {"GMP start": int(self.start_step)}
+        try:
+            marks["GMP stop"] = int(self.resolved_stop_step(trainer))
+        except ValueError:  # e.g. an iterable dataset without a length: no stop step to mark
+            pass
+        return marks
 
     def resolved_stop_step(self, trainer: pl.Trainer) -> int:
         """The step of the last update, where the final density is reached (an explicit ``stop_step`` wins)."""
@@ -156,7 +169,7 @@ class GradualMagnitudePruning(pl.Callback):
         if stage == "fit" and not self.engine.masks:
             names = self.target_names(pl_module)
             params = dict(pl_module.named_parameters())
-            self.engine.masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+            self.engine.set_masks({n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,7 +227,7 @@ class GradualMagnitudePruning(pl.Callback):
         else:
             new = prune_layers(params, masks, self._finals, step, self._start, self._stop, self.initial_sparsity)
         pruned = sum(int((masks[n] & ~new[n]).sum()) for n in new)
-        self.engine.masks = new
+        self.engine.replace_masks(new)
         self.engine.enforce(trainer.optimizers)
         self.num_updates += 1
         self.last_update_step = step

@@ -29,11 +29,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy
+from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy
 from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
-from lightning_sparse.sparsity.nm import LAYOUTS, Layout, bake_nm, check_nm, nm_mask, nm_skip_reason
+from lightning_sparse.sparsity.nm import LAYOUTS, Layout, bake_nm, check_nm, nm_mask, nm_skip_reason, srste_masked
 from lightning_sparse.sparsity.targets import select_targets
 
 __all__ = ["NMSparsity"]
@@ -208,6 +208,15 @@ class NMSparsity(pl.Callback):
         dense = self.engine.dense if self.engine.is_masked else {}
         return {k: nm_mask(dense.get(k, params[k]).detach(), self.n, self.m, self.layout) for k in targets}
 
+    def describe(self) -> MaskSourceInfo:
+        """``"2:4 SR-STE"`` (or ``STE``), N:M masks (MaskSource protocol)."""
+        return MaskSourceInfo(method=f"{self.n}:{self.m} {'SR-STE' if self.mode == 'srste' else 'STE'}",
+                              kind=f"{self.n}:{self.m}", density=self.n / self.m, n=self.n, m=self.m)
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """The end of the dense warm-up, when there is one (MaskSource protocol)."""
+        return {"N:M masking start": int(self.dense_warmup_steps)} if self.dense_warmup_steps > 0 else {}
+
     def bake(self, pl_module: nn.Module) -> list[str]:
         """Write ``W ⊙ M(W)`` into every N:M weight (exact zeros). Returns the baked parameter names."""
         self.engine.restore_dense()
@@ -278,13 +287,13 @@ class NMSparsity(pl.Callback):
             )
         return targets, skipped
 
-    def _mask_fn(self, weight: torch.Tensor) -> torch.Tensor:
-        return nm_mask(weight, self.n, self.m, self.layout)
+    def _masked_fn(self, weight: torch.Tensor) -> torch.Tensor:
+        return srste_masked(weight, self.n, self.m, self.layout)
 
     def _open(self) -> None:
         self._window = True
         if self.masking and self.engine.params:
-            self.engine.write_masked(self._mask_fn)
+            self.engine.write_masked(self._masked_fn)
 
     def _close(self) -> None:
         self._window = False
@@ -292,7 +301,7 @@ class NMSparsity(pl.Callback):
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if self._window and self.masking and not self.engine.is_masked:
-            self.engine.write_masked(self._mask_fn)
+            self.engine.write_masked(self._masked_fn)
 
     def _run_step(self, global_step: int) -> None:
         self.global_step = int(global_step)

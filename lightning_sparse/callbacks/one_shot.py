@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.gmp import SCOPES, final_counts, prune_global, prune_layers
@@ -101,7 +101,18 @@ class OneShotPruning(pl.Callback):
 
     def current_masks(self, pl_module: pl.LightningModule) -> Masks:
         """The fixed masks (``MaskSource`` protocol)."""
-        return self.engine.masks
+        return dict(self.engine.masks)
+
+    def describe(self) -> MaskSourceInfo:
+        """``"one-shot (2:4)"`` with N:M masks, or ``"one-shot (density 0.1)"`` (MaskSource protocol)."""
+        if self.pattern == "nm":
+            return MaskSourceInfo(method=f"one-shot ({self.n}:{self.m})", kind=f"{self.n}:{self.m}",
+                                  density=self.n / self.m, n=self.n, m=self.m)
+        return MaskSourceInfo(method=f"one-shot (density {self.density:g})", density=self.density)
+
+    def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
+        """``{}``: the masks are fixed from the first step (MaskSource protocol)."""
+        return {}
 
     # ------------------------------------------------------------------------------------- hooks
     @override
@@ -173,8 +184,7 @@ class OneShotPruning(pl.Callback):
             else:
                 finals = final_counts({k: tuple(p.shape) for k, p in params.items()}, self.density, self.distribution)
                 masks = prune_layers(params, full, finals, 0, 0, 0)
-        self.engine.masks = masks
-        self.engine.bind(pl_module)
+        self.engine.set_masks(masks, pl_module)
         self.engine.apply_weights()
         self.num_updates = 1
         what = f"{self.n}:{self.m} ({self.layout})" if self.pattern == "nm" else f"density {self.density:g} ({self.distribution})"

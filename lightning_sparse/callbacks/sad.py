@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSource, check_strategy, log_metrics
+from lightning_sparse.callbacks._base import MaskProvider, check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import fast_dev_run_step
 from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
 from lightning_sparse.callbacks._sad_context import schedule_marks
@@ -25,7 +25,7 @@ from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount
 __all__ = ["SADTracker", "MaskFn"]
 
 MaskFn = Callable[[pl.LightningModule], Mapping[str, Tensor]]
-KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity")
+KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity", "GradualMagnitudePruning", "OneShotPruning")  # named in the error when none is found
 
 
 def _empty_history() -> dict[str, Any]:
@@ -47,50 +47,16 @@ def _append_aligned(table: dict[str, list[float]], values: Mapping[str, float], 
 class SADTracker(pl.Callback):
     """Track sparse architecture divergence (SAD) of the masks every ``interval`` optimizer steps.
 
-    SAD(M_a, M_b) = number of positions where two masks differ (SR-STE, Zhou et al. 2021). The initial
-    masks are read at the start of training; then, after each optimizer step ``s`` with ``s`` a multiple of
-    ``interval`` (``s = 0, interval, 2·interval, ...``, the ``trainer.global_step`` that step ran at), the
-    tracker reads the masks and logs at step ``s``, so a mask update made at step ``s`` (DynamicSparsity's
-    ``dst/regrown`` is logged at ``s``) shows in the SAD point at ``s``:
-
-    - ``sad/global``, ``sad/global_norm``: SAD vs the previous measurement (count; fraction of all mask
-      elements): how much the architecture still moves;
-    - ``sad/global_vs_init``, ``sad/global_vs_init_norm``: SAD vs the first measured mask: how far it
-      travelled;
-    - ``sad/cumulative``: running sum of ``sad/global``;
-    - ``sad/density``: global fraction of kept weights;
-    - ``sad/<param>`` (``per_layer=True``): per-layer SAD vs the previous measurement;
-    - ``sparsity/global`` and ``sparsity/<param>`` (pruned fraction, 1 - density, as the mask sources log
-      them) **only with** ``mask_fn``: mask-source callbacks log their own ``sparsity/*``, so the tracker
-      does not log those keys twice.
-      Per-layer densities always go into :attr:`history` for the heatmap.
-
-    Where the masks come from: ``mask_fn(pl_module)`` if given; otherwise every callback on
-    ``trainer.callbacks`` that implements :class:`~lightning_sparse.callbacks._base.MaskSource`
-    (``DynamicSparsity``, ``Chase``, ``NMSparsity`` or any callback with ``current_masks(pl_module)``).
-    With several sources their dicts are merged; a parameter masked by two sources gets the logical AND
-    (the weights that actually stay). Callbacks with an ``active_channels(pl_module)`` method (Chase)
-    also feed the active-channel history.
-
-    Reference masks (initial and previous) are kept **bit-packed** (8 positions per byte) on the masks'
-    device, and SAD is computed on the packed bytes: ResNet-50's 25.5M weights cost about 3.2 MB per
-    reference. When a layer's mask changes shape (Chase physically removing channels), that layer's
-    initial and previous references are reset to the new mask: its SAD is 0 at that measurement and
-    counts from the new shape onwards (the reset is recorded in ``history["resets"]``). Layers that appear
-    are added the same way; layers that disappear are dropped.
-
-    References, the cumulative sum, the last measured step and the full :attr:`history` are in
-    ``state_dict()``, so a resumed run continues its curves exactly.
-
-    Next to the numbers, :attr:`history` records the run and method (figure titles), the steps of mask updates
-    and channel removals and the sources' stop steps (marked in the figures), and every conv/linear layer of
-    the model with its kind (unstructured, N:M or dense) for the per-layer bar chart.
-
-    Figures (:mod:`lightning_sparse.plots`: SAD curves, per-layer density, active channels) are
-    written on rank zero to ``<trainer.log_dir>/figures/*.png`` at the end of fit and every
-    ``plot_every_n_epochs`` epochs (overwriting, so the files show the latest state), and logged as
-    images (keys ``figures/<name>``) to every attached ``WandbLogger``. Under ``fast_dev_run`` it measures
-    after every step and writes no figures.
+    SAD(M_a, M_b) = number of positions where two masks differ (SR-STE, Zhou et al. 2021). After each
+    optimizer step ``s`` that is a multiple of ``interval`` the tracker reads the masks and logs at step
+    ``s``: ``sad/global``, ``sad/global_norm`` (vs the previous measurement), ``sad/global_vs_init``,
+    ``sad/global_vs_init_norm`` (vs the first), ``sad/cumulative``, ``sad/density`` and ``sad/<param>``.
+    Masks come from ``mask_fn`` if given, else from every callback that implements
+    :class:`~lightning_sparse.callbacks.MaskProvider` (merged with a logical AND); a
+    :class:`~lightning_sparse.callbacks.MaskSource` also names itself and marks its schedule in the figures. Reference masks are kept bit-packed; they and :attr:`history`
+    are in ``state_dict()``, so a resumed run continues its curves. Figures go to
+    ``<trainer.log_dir>/figures/`` and to W&B on rank zero. The user guide (what is logged, mask-shape
+    changes, the figures) is the SADTracker page of the documentation (``docs/callbacks/sad-tracker.md``).
 
     Args:
         interval: measure every ``interval`` optimizer steps (int ≥ 1).
@@ -234,7 +200,7 @@ class SADTracker(pl.Callback):
         if self.mask_fn is not None:
             self._sources = []
             return
-        self._sources = [cb for cb in others if isinstance(cb, MaskSource)]
+        self._sources = [cb for cb in others if isinstance(cb, MaskProvider)]
         if not self._sources:
             raise ValueError(
                 "SADTracker found no mask source on trainer.callbacks "

@@ -35,17 +35,12 @@ WHENS = ("fit_end", "test_end", "both")
 class SemiStructuredBenchmark(pl.Callback):
     """Time the trained model with 2:4 semi-structured sparse linears vs the dense 2:4-masked model.
 
-    At the chosen hook, on rank zero, a deep copy of the LightningModule is cast to ``dtype`` on the GPU,
-    2:4 masks are baked into every eligible ``nn.Linear`` (see
-    :func:`lightning_sparse.semi_structured.semi_structured_eligibility`) and those weights are converted
-    with ``torch.sparse.to_sparse_semi_structured``. The trained model is never modified. The result
-    (end-to-end images/s, per-layer table at each layer's real input shape, output parity) is printed,
-    logged as scalars ``semi/speedup_e2e``, ``semi/dense_img_s``, ``semi/sparse_img_s``, ... to every
-    logger, and as a ``semi/layers`` table to W&B when a ``WandbLogger`` is attached.
-
-    On CPU, a GPU the backend does not support (cuSPARSELt: capability >= 8.0; CUTLASS: 8.x), or a model
-    where no linear is eligible or converts, it logs one line saying why it skipped and the run goes on.
-    A failed parity check is a warning that names the worst layer.
+    At the chosen hook, on rank zero, a copy of the module is cast to ``dtype`` on the GPU, 2:4 masks are
+    baked into every eligible ``nn.Linear`` and converted with ``torch.sparse.to_sparse_semi_structured``;
+    the trained model is never modified. The result is printed and logged (``semi/speedup_e2e``,
+    ``semi/dense_img_s``, ``semi/sparse_img_s``, ...; a ``semi/layers`` table to W&B). Where it cannot run
+    (CPU, an unsupported GPU, no eligible layer) it says why and the run goes on. The user guide is the
+    SemiStructuredBenchmark page of the documentation (``docs/callbacks/semi-structured-benchmark.md``).
 
     Args:
         when: ``"fit_end"``, ``"test_end"`` or ``"both"``.

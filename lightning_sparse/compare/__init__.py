@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lightning_sparse.compare.measure import load_deployable, measure_costs, time_interleaved
+from lightning_sparse.compare.measure import arch_key, load_deployable, time_interleaved
 from lightning_sparse.compare.report import COLUMNS, FIGURES, log_wandb, save_figures, write_tables
 from lightning_sparse.compare.runs import (
     NotARunError,
@@ -39,6 +39,7 @@ from lightning_sparse.compare.runs import (
     series,
     train_time,
 )
+from lightning_sparse.run import measure_costs
 
 SAD_KEYS = ("sad/global_norm", "sad/global_vs_init_norm")
 
@@ -61,12 +62,14 @@ def collect(runs: list[Run], image_size: int | None = None, batch_size: int = 64
         row["checkpoint"] = run.checkpoint.name if run.checkpoint else None
         if run.checkpoint is not None:
             dep = load_deployable(run, image_size)
-            row.update(measure_costs(dep))
+            dense = dep.dense()
+            row.update(measure_costs(dep, dense))
             if timing:
-                if dep.arch_key not in dense_refs:
-                    dense_refs[dep.arch_key] = len(models)
-                    models.append(dep.dense), shapes.append(dep.input_shape), owners.append(None)
-                models.append(dep.model), shapes.append(dep.input_shape), owners.append((len(rows), dep.arch_key))
+                key = arch_key(dense, dep.input_shape)
+                if key not in dense_refs:
+                    dense_refs[key] = len(models)
+                    models.append(dense), shapes.append(dep.input_shape), owners.append(None)
+                models.append(dep.model), shapes.append(dep.input_shape), owners.append((len(rows), key))
         rows.append(row)
     if models:
         times = time_interleaved(models, shapes, batch_size=batch_size, reps=reps)

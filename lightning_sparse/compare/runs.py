@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from lightning_sparse.run.resolve import resolve_class
 
 __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series"]
 
@@ -122,10 +123,9 @@ def callbacks_of(config: dict[str, Any]) -> list[dict[str, Any]]:
 def _changes_architecture(config: dict[str, Any]) -> bool:
     """Whether a callback of the run reshapes the model during fit (Chase slimming), as train.py decides."""
     for cb in callbacks_of(config):
-        module, _, name = str(cb.get("class_path", "")).rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
+            cls = resolve_class(cb.get("class_path", ""))
+        except ValueError:
             continue
         if getattr(cls, "changes_architecture", False):
             return True
@@ -205,7 +205,13 @@ def _float(value: str) -> float | None:
 
 
 def last_value(metrics: list[dict[str, str]], key: str) -> float | None:
-    """The last logged value of ``key`` in ``metrics.csv`` rows, or None if it was never logged."""
+    """The last logged value of ``key`` in ``metrics.csv`` rows, or None if it was never logged.
+
+    Example:
+        >>> rows = [{"step": "0", "val/acc": "0.5"}, {"step": "1", "val/acc": "0.75"}, {"step": "2", "val/acc": ""}]
+        >>> last_value(rows, "val/acc"), last_value(rows, "test/acc")
+        (0.75, None)
+    """
     for row in reversed(metrics):
         v = _float(row.get(key, ""))
         if v is not None:

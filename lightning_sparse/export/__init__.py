@@ -9,12 +9,14 @@ exported in PyTorch eager and onnxruntime). See :func:`export_checkpoint`.
 
 One concept per file; every public name is re-exported here:
 
-* ``load.py`` — :func:`load_source`: the network a checkpoint's forward used (slim shapes, N:M baked).
+* :func:`load_source` — :func:`lightning_sparse.run.load_run_model`, the one run loader: the network a
+  checkpoint's forward used (slim shapes, N:M baked); :class:`ExportSource` is its
+  :class:`~lightning_sparse.run.RunModel`.
 * ``fold.py`` — :func:`fold_batchnorm`, :func:`batchnorm_folds`: BatchNorm into the preceding convs.
 * ``onnx_export.py`` — :func:`export_onnx` (checker + onnxruntime parity), :func:`onnx_parity`, :func:`ort_session`.
 * ``runners.py`` — :func:`make_runner`: a zero-argument callable running one batch in ``"eager"`` or
   ``"onnxruntime"`` (CPU), or ``"cuda"`` (GPU), for
-  :func:`lightning_sparse.semi_structured.interleaved_times`.
+  :func:`lightning_sparse.utils.interleaved_times`.
 * ``report.py`` — :func:`model_costs`, :func:`write_report`, :data:`LOAD_SNIPPET`.
 * ``exporter.py`` — :func:`export_checkpoint`, the command's function.
 
@@ -23,7 +25,6 @@ One concept per file; every public name is re-exported here:
 
 from lightning_sparse.export.exporter import export_checkpoint
 from lightning_sparse.export.fold import BatchNormFolds, CannotFoldError, batchnorm_folds, fold_batchnorm
-from lightning_sparse.export.load import ExportSource, load_source
 from lightning_sparse.export.onnx_export import PARITY_ATOL, ParityError, export_onnx, onnx_parity, ort_session
 from lightning_sparse.export.report import LOAD_SNIPPET, model_costs, write_report
 from lightning_sparse.export.runners import (
@@ -35,6 +36,8 @@ from lightning_sparse.export.runners import (
     make_runner,
     onnxruntime_runner,
 )
+from lightning_sparse.run import RunModel as ExportSource
+from lightning_sparse.run import load_run_model as load_source
 
 __all__ = [
     "BatchNormFolds",

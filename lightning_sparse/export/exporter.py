@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from lightning_sparse.export.fold import fold_batchnorm
-from lightning_sparse.export.load import ExportSource, load_source
 from lightning_sparse.export.onnx_export import PARITY_ATOL, export_onnx, onnx_parity
 from lightning_sparse.export.report import model_costs, timing_rows, write_report
 from lightning_sparse.export.runners import eager_runner, onnxruntime_runner
-from lightning_sparse.semi_structured.timing import interleaved_times
+from lightning_sparse.run import RunModel, load_run_model
 from lightning_sparse.slim import export_slim
+from lightning_sparse.utils.timing import interleaved_times
 
 __all__ = ["export_checkpoint"]
 
@@ -36,7 +36,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"out={str(out)!r} exists and is not empty; pass --overwrite true to replace it.")
 
 
-def _benchmark(src: ExportSource, folded: torch.nn.Module, onnx_path: Path, work: Path, batch_size: int,
+def _benchmark(src: RunModel, folded: torch.nn.Module, onnx_path: Path, work: Path, batch_size: int,
                threads: int, reps: int, warmup: int) -> dict[str, Any]:
     """Dense vs exported, eager (channels_last) and onnxruntime, batch 1 and ``batch_size``, all interleaved."""
     x = src.example_inputs(PARITY_BATCH, seed=1)
@@ -115,7 +115,7 @@ def export_checkpoint(
         raise ValueError(f"atol must be > 0, got atol={atol!r}.")
     out_path = Path(out)
     _check_out(out_path, overwrite)
-    src = load_source(checkpoint, image_size)
+    src = load_run_model(checkpoint, image_size)
     threads = threads or torch.get_num_threads()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
@@ -123,12 +123,12 @@ def export_checkpoint(
         x = src.example_inputs(PARITY_BATCH)
         export_slim(src.model, tmp / "model.pt", example_inputs=x[:2], arch=src.arch, num_classes=src.num_classes,
                     in_chans=src.in_chans, model_kwargs=src.model_kwargs, image_size=src.image_size,
-                    source=str(checkpoint), nm=dict(src.nm))
+                    source=str(checkpoint), nm=src.nm_text())
         folded = fold_batchnorm(src.model, x[:1], strict=False)
         onnx_path = export_onnx(folded, x, tmp / "model.onnx", atol=atol, reference=src.model)
         report: dict[str, Any] = {
             "source": {"path": str(checkpoint), "kind": src.kind, "arch": src.arch, "num_classes": src.num_classes,
-                       "in_chans": src.in_chans, "image_size": src.image_size, "nm": src.nm, "notes": src.notes},
+                       "in_chans": src.in_chans, "image_size": src.image_size, "nm": src.nm_text(), "notes": src.notes},
             "onnx": {"max_abs_diff": onnx_parity(onnx_path, src.model, x), "atol": atol,
                      "folded_batchnorm": len(folded.folded_batchnorm.folds),
                      "unfolded_batchnorm": folded.folded_batchnorm.unfoldable,

@@ -22,7 +22,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_sparse.slim._graph import default_inputs, eval_mode
+from lightning_sparse.utils.inputs import default_inputs
+from lightning_sparse.utils.modules import eval_mode
 
 __all__ = ["BatchNormFolds", "CannotFoldError", "batchnorm_folds", "fold_batchnorm"]
 
@@ -209,13 +210,8 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _check(model: nn.Module, folded: nn.Module, inputs: tuple[Any, ...]) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref, out = model(*inputs), folded(*inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        ref, out = model(*inputs), folded(*inputs)
     if torch.is_tensor(ref) and torch.is_tensor(out):
         diff = (out - ref).abs().max().item()
         if diff > _FOLD_RTOL * max(1.0, ref.abs().max().item()):

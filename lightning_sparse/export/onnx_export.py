@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_sparse.utils.modules import eval_mode
+
 __all__ = ["PARITY_ATOL", "ParityError", "export_onnx", "onnx_parity", "ort_session"]
 
 PARITY_ATOL = 1e-3  # max |Δlogits| allowed between onnxruntime (CPU) and PyTorch
@@ -53,13 +55,8 @@ def onnx_parity(path: str | Path, model: nn.Module, example_inputs: torch.Tensor
     """Max |onnxruntime(CPU) - PyTorch eval| over the outputs for ``example_inputs`` (float32)."""
     session = ort_session(path)
     out = session.run(None, {session.get_inputs()[0].name: example_inputs.detach().cpu().float().numpy()})[0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(example_inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        ref = model(example_inputs)
     return float((torch.from_numpy(out) - ref.detach().cpu().float()).abs().max())
 
 
@@ -111,15 +108,11 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic_batch else None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         torch.onnx.export(
             model, (example_inputs,), str(path), dynamo=True, external_data=False, verbose=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, opset_version=opset_version,
         )
-    finally:
-        model.train(was_training)
     onnx.checker.check_model(str(path), full_check=True)
     if atol is not None:
         diff = onnx_parity(path, model if reference is None else reference, example_inputs)

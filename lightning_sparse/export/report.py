@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_sparse.compare.measure import Deployable, measure_costs
-from lightning_sparse.export.load import ExportSource
-from lightning_sparse.semi_structured.timing import Timing
+from lightning_sparse.run import RunModel, measure_costs
 from lightning_sparse.slim import count_flops
+from lightning_sparse.utils.timing import Timing
 
 __all__ = ["LOAD_SNIPPET", "model_costs", "timing_rows", "write_report"]
 
@@ -35,16 +34,15 @@ model.eval()
 '''
 
 
-def model_costs(src: ExportSource, dense: nn.Module) -> dict[str, Any]:
+def model_costs(src: RunModel, dense: nn.Module) -> dict[str, Any]:
     """Params, nonzero params and FLOPs (batch 1, ``torch.utils.flop_counter``) of dense vs exported.
 
     ``params``/``flops`` count the stored (dense-shaped) tensors of each model; ``*_nm`` count N:M weights
     at N/M of their size (what a sparse tensor-core kernel stores and computes); ``flops_nonzero`` scales
-    every Conv/Linear by its fraction of nonzero weights (see :func:`lightning_sparse.compare.measure_costs`).
+    every Conv/Linear by its fraction of nonzero weights (see :func:`lightning_sparse.run.measure_costs`).
     """
-    fractions = {k: int(v.split(":")[0]) / int(v.split(":")[1]) for k, v in src.nm.items()}
-    shape = (src.in_chans, src.image_size, src.image_size)
-    c = measure_costs(Deployable(src.model, dense, shape, fractions, src.arch))
+    shape = src.input_shape
+    c = measure_costs(src, dense)
     stored = sum(p.numel() for p in src.model.parameters())
     dense_nonzero = sum(int(p.count_nonzero()) for p in dense.parameters())
     exported = {

@@ -47,7 +47,7 @@ def cuda_runner(folded: nn.Module, example_inputs: torch.Tensor, dtype: str = "f
     turns it on. There is no CUDA-graph variant: on an H100 with torch 2.11 / cuDNN 9.19, a captured
     ResNet forward replayed after other GPU work had run since its capture (another model's forward, as
     interleaved timing does) returned wrong logits. At batch 256 a ResNet-50 forward was not host-bound
-    there (at batch 64 in fp16 it was); :class:`~lightning_sparse.semi_structured.timing.Timing` flags it.
+    there (at batch 64 in fp16 it was); :class:`~lightning_sparse.utils.timing.Timing` flags it.
     """
     if dtype not in GPU_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported on the GPU; choose one of {list(GPU_DTYPES)}.")

@@ -58,7 +58,7 @@ from lightning_sparse.semi_structured.eligibility import (
     torch_shape_constraint,
 )
 from lightning_sparse.semi_structured.report import LAYER_COLUMNS, LayerTiming, SemiStructuredReport, format_report
-from lightning_sparse.semi_structured.timing import HOST_BOUND_FRACTION, Timing, cuda_graph, interleaved_times
+from lightning_sparse.utils.timing import HOST_BOUND_FRACTION, Timing, cuda_graph, interleaved_times
 
 __all__ = [
     "BACKENDS",

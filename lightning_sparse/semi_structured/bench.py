@@ -21,7 +21,7 @@ from lightning_sparse.semi_structured.eligibility import (
     resolve_dtype,
 )
 from lightning_sparse.semi_structured.report import LayerTiming, SemiStructuredReport
-from lightning_sparse.semi_structured.timing import cuda_graph, interleaved_times
+from lightning_sparse.utils.timing import cuda_graph, interleaved_times
 
 __all__ = ["MIN_RUNS", "PARITY_TOLERANCE", "RUNNERS", "benchmark_semi_structured"]
 

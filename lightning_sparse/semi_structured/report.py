@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning_sparse.semi_structured.eligibility import LayerEligibility
-from lightning_sparse.semi_structured.timing import HOST_BOUND_FRACTION
+from lightning_sparse.utils.tables import text_table
+from lightning_sparse.utils.timing import HOST_BOUND_FRACTION
 
 __all__ = ["LAYER_COLUMNS", "LayerTiming", "SemiStructuredReport", "format_report"]
 
@@ -122,13 +123,6 @@ class SemiStructuredReport:
         ]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
 
 def format_report(report: SemiStructuredReport) -> str:
     """Plain-text summary: end-to-end line, host line, parity line, per-layer table, skipped layers.
@@ -160,7 +154,7 @@ def format_report(report: SemiStructuredReport) -> str:
     if r.algorithms:
         lines.append(f"cuSPARSELt algorithms (searched): {sorted(set(r.algorithms.values()))}")
     if r.layers:
-        lines += ["", _table(LAYER_COLUMNS, r.layer_rows())]
+        lines += ["", text_table(LAYER_COLUMNS, r.layer_rows())]
     if r.skipped:
         lines += ["", "left dense:"] + [f"  {s.name} {s.shape}: {s.reason}" for s in r.skipped]
     return "\n".join(lines)

@@ -18,7 +18,8 @@ One concept per file; every public name is re-exported here:
   rebuild it on a fresh dense model.
 * ``checkpoint.py`` — :func:`find_channel_config` / :func:`restore_channel_config`: the channel config a
   checkpoint holds, rebuilt on a model before its weights load (every ``Trainer`` stage,
-  ``load_from_checkpoint``); :func:`restore_before_weights_load` does it for modules without that hook.
+  ``load_from_checkpoint``); for modules without that hook, ``Chase`` installs the Lightning shim of
+  :mod:`lightning_sparse.callbacks._slim_restore`.
 * ``export.py`` — :func:`export_slim` / :func:`load_slim`: a self-contained file (timm arch + channel
   config + weights).
 * ``flops.py`` — :func:`count_flops`, :func:`slim_report`: params, FLOPs (``torch.utils.flop_counter``)
@@ -43,12 +44,7 @@ Example:
 
 
 from lightning_sparse.slim.candidates import ChannelCandidates, ChannelEntry, ChannelGroup, channel_candidates
-from lightning_sparse.slim.checkpoint import (
-    CHANNEL_CONFIG_KEY,
-    find_channel_config,
-    restore_before_weights_load,
-    restore_channel_config,
-)
+from lightning_sparse.slim.checkpoint import CHANNEL_CONFIG_KEY, find_channel_config, restore_channel_config
 from lightning_sparse.slim.config import apply_channel_config, channel_config
 from lightning_sparse.slim.export import SLIM_FORMAT, export_slim, load_slim
 from lightning_sparse.slim.flops import count_flops, slim_report
@@ -67,7 +63,6 @@ __all__ = [
     "CHANNEL_CONFIG_KEY",
     "find_channel_config",
     "restore_channel_config",
-    "restore_before_weights_load",
     "SLIM_FORMAT",
     "export_slim",
     "load_slim",

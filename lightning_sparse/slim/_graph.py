@@ -3,8 +3,7 @@ the tensors each supported layer type loses for an input/output channel prune.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,29 +18,14 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.dependency.node import Node
 from torch_pruning.pruner import function as tp_function
 
+from lightning_sparse.utils.modules import device_inputs, eval_mode
+
 try:  # timm's mixed-kernel conv (MixNet): a torch.split over sub-convs, sizes in ``.splits``
     from timm.layers import Conv2dSame, MixedConv2d
 except ImportError:  # pragma: no cover - timm is a dependency
     Conv2dSame = MixedConv2d = None
 
 ADD_OPS = ("AddBackward", "SubBackward")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Trace in eval mode (BN running stats must not move) and restore every module's flag."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
-
-
-def device_inputs(model: nn.Module, example_inputs: torch.Tensor) -> torch.Tensor:
-    p = next(iter(model.parameters()), None)
-    return example_inputs.to(p.device) if p is not None else example_inputs
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
@@ -114,17 +98,6 @@ def local_entries(module: nn.Module, is_out: bool) -> list[tuple[str, int, bool]
             out += [("running_mean", 0, True), ("running_var", 0, True)]
         return out
     raise ValueError(f"unsupported layer type {type(module).__name__}")
-
-
-def first_conv(model: nn.Module) -> nn.Conv2d:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m
-    raise ValueError(f"{type(model).__name__} has no nn.Conv2d; channel slimming needs a conv net.")
-
-
-def default_inputs(model: nn.Module, size: int = 64) -> torch.Tensor:
-    return torch.randn(1, first_conv(model).in_channels, size, size)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_sparse.slim._graph import (
     build_graph,
-    default_inputs,
     is_depthwise,
     refresh_split_offsets,
     sync_mixed_convs,
 )
+from lightning_sparse.utils.inputs import default_inputs
 
 __all__ = ["channel_config", "apply_channel_config"]
 

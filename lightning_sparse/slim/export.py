@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_sparse.slim._graph import device_inputs, eval_mode, first_conv
 from lightning_sparse.slim.config import apply_channel_config, channel_config
+from lightning_sparse.utils.modules import device_inputs, eval_mode, first_conv
 
 __all__ = ["SLIM_FORMAT", "export_slim", "load_slim"]
 

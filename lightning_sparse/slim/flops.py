@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_sparse.slim._graph import eval_mode
+from lightning_sparse.utils.modules import eval_mode
 
 __all__ = ["count_flops", "slim_report"]
 

@@ -1,176 +1,45 @@
-"""Chase's schedule, its two DST update rules and its channel bookkeeping (CHASE.md), as plain code.
+"""Chase's two DST update rules, its channel-removal planning and its channel bookkeeping (CHASE.md), as
+plain code.
 
-No Lightning here: the :class:`~lightning_sparse.callbacks.Chase` callback feeds these the step counts
-of its Trainer. Every schedule decision of Chase lives in :class:`ChaseSchedule`, every mask decision
-in :func:`soft_bound_update` / :func:`strict_budget_update`, so a change of the recipe touches one place.
+No Lightning here: the :class:`~lightning_sparse.callbacks.Chase` callback feeds these its Parameters,
+masks and step counts. Every schedule decision of Chase lives in :class:`ChaseSchedule`
+(:mod:`lightning_sparse.sparsity.chase_schedule`, re-exported here), every mask decision in
+:func:`soft_bound_update` / :func:`strict_budget_update`, every choice of channels in
+:func:`plan_channel_removal`, so a change of the recipe touches one place.
 
-Example:
-    >>> s = ChaseSchedule(steps_per_epoch=10, total_steps=100, stop_dst_epochs=2, stop_gmp_epochs=6,
-    ...                   channel_interval_epochs=2, channel_sparsity=0.5, update_interval=10)
-    >>> s.phase2_start, s.is_channel_step(15), s.is_channel_step(20), s.is_channel_step(75), s.is_update_step(20)
-    (80, True, False, False, True)
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from lightning_sparse.checks import check_choice, check_patterns, check_range
-from lightning_sparse.sparsity.channels import SCORE_MODES, channel_sparsity_schedule, redistribute_budget
-from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
-from lightning_sparse.sparsity.dst import (
-    GROWTH_MODES,
-    cosine_drop_fraction,
-    global_grow,
-    global_magnitude_prune,
+from lightning_sparse.sparsity.channels import (
+    channel_floor,
+    group_channel_scores,
+    n_channels_to_remove,
+    redistribute_budget,
+    select_channels_to_remove,
 )
+from lightning_sparse.sparsity.chase_schedule import (
+    PHASE1_FINAL_GROWTH,
+    PHASE1_MODES,
+    SLIM_MODES,
+    ChaseSchedule,
+    check_chase_args,
+)
+from lightning_sparse.sparsity.dst import global_grow, global_magnitude_prune
 
 __all__ = ["ChaseSchedule", "ChannelBook", "Update", "soft_bound_update", "strict_budget_update",
            "layer_magnitude_prune", "budget_targets", "cap_budget", "check_chase_args", "total_weights_of_old_state",
-           "SLIM_MODES", "PHASE1_MODES", "PHASE1_FINAL_GROWTH"]
+           "ChannelRemoval", "plan_channel_removal", "scheduled_update", "SLIM_MODES", "PHASE1_MODES", "PHASE1_FINAL_GROWTH"]
 
 Masks = dict[str, torch.Tensor]
-SLIM_MODES = ("during", "end", "never")
-PHASE1_MODES = ("layerwise", "global")
-PHASE1_FINAL_GROWTH = 0.005  # r_t ends at D + 0.005 (reference ``CosineDecay(p0 + D, T1, D + 0.005)``)
-
-
-def check_chase_args(a: Mapping[str, Any]) -> None:
-    """Validate the Chase callback's arguments (one ``ValueError`` naming the argument and its value)."""
-    check_range("density", a["density"], 0, 1)
-    check_range("channel_sparsity", a["channel_sparsity"], 0, 1, low_inclusive=True, what="S_c")
-    check_range("minimum_ratio", a["minimum_ratio"], 0, 1, high_inclusive=True, what="β")
-    for name in ("channel_interval_epochs", "stop_gmp_epochs", "update_interval", "max_postponed"):
-        check_range(name, a[name], 1, low_inclusive=True, integer=True)
-    check_range("stop_dst_epochs", a["stop_dst_epochs"], 0, low_inclusive=True, integer=True)
-    if a["channel_interval_epochs"] > a["stop_gmp_epochs"]:
-        raise ValueError(
-            "Conflicting channel schedule: the first removal (epoch `channel_interval_epochs`="
-            f"{a['channel_interval_epochs']}) comes after the schedule ends (`stop_gmp_epochs`={a['stop_gmp_epochs']})."
-        )
-    check_range("drop_fraction", a["drop_fraction"], 0, 1)
-    hi, lo = a["phase2_drop_fraction"]
-    if not 0.0 <= lo <= hi < 1.0:
-        raise ValueError(
-            f"`phase2_drop_fraction` must be (start, end) with 0 <= end <= start < 1, got {a['phase2_drop_fraction']}."
-        )
-    check_choice("score", a["score"], SCORE_MODES)
-    if not isinstance(a["residual_channels"], bool):
-        raise ValueError(f"`residual_channels` must be True or False, got residual_channels={a['residual_channels']!r}.")
-    check_choice("slim", a["slim"], SLIM_MODES)
-    check_choice("phase1", a["phase1"], PHASE1_MODES, "'layerwise' = ImageNet reference, 'global' = CIFAR reference")
-    check_choice("growth", a["growth"], GROWTH_MODES)
-    check_choice("distribution", a["distribution"], DISTRIBUTIONS)
-    if a["round_to"] is not None:
-        check_range("round_to", a["round_to"], 1, low_inclusive=True, integer=True)
-    check_patterns("include", a["include"])
-    check_patterns("exclude", a["exclude"])
-
-
-@dataclass(frozen=True)
-class ChaseSchedule:
-    """When Chase acts and the two DST rates (CHASE.md §1–§2, reference ``Masking.step`` and ``main.py``).
-
-    Every method takes ``step`` = optimizer steps done, counted right *after* an iteration's optimizer step
-    (the reference's ``self.steps`` after its increment): Chase acts after the step, channel removal first,
-    then the DST update. A DST update runs when ``step`` is a multiple of ``update_interval`` (before the
-    last step). Phase 1 (soft memory bound) runs while ``step`` < ``phase2_start`` = total − ``stop_dst_epochs``
-    epochs; after a phase-1 update the network carries r_t·N weights, r_t a cosine from D +
-    ``drop_fraction`` (step 0) to D + 0.005 (end of phase 1). Phase 2 (strict per-layer budget) reads its
-    drop fraction p_t from ONE cosine over the whole training: ``phase2_drop_fraction[0]`` at step 0 →
-    ``[1]`` at the last step, so phase 2 starts near 0.05 of the reference recipe, not at 0.5. Channels are
-    removed while ``step`` < ``stop_gmp_epochs`` epochs, whenever ``step + update_interval // 2`` is a
-    multiple of ``channel_interval_epochs`` epochs (halfway between two DST updates), towards the cubic
-    target s_t = S_c·(1 − (1 − t/T)^3) read at t = ``step − 1`` (the reference computes it before its
-    increment).
-    """
-
-    steps_per_epoch: int
-    total_steps: int
-    stop_dst_epochs: int
-    stop_gmp_epochs: int
-    channel_interval_epochs: int
-    channel_sparsity: float
-    drop_fraction: float = 0.05
-    phase2_drop_fraction: tuple[float, float] = (0.5, 0.005)
-    density: float = 0.1
-    update_interval: int = 1000
-    smoke: bool = False
-
-    SMOKE = ("a channel removal with slimming and a DST update after step 1 (phase 2 after step 2 from 3 steps on)")
-
-    @classmethod
-    def for_training(cls, max_epochs: int, *args: Any, fast_dev_run: bool = False, **kwargs: Any) -> ChaseSchedule:
-        """Build the schedule (fields in order) after checking it fits ``max_epochs`` (0: no epoch limit).
-
-        With ``fast_dev_run`` the recipe is compressed into the smoke run's ``total_steps`` instead of refused:
-        the full channel target removed after step 1 with a phase-1 update, phase 2 from step 2 when there
-        are 3 steps or more; rates unchanged.
-
-        Raises:
-            ValueError: ``stop_gmp_epochs`` beyond ``max_epochs`` or phase 2 as long as training.
-
-        Example:
-            >>> s = ChaseSchedule.for_training(1, 100, 3, 20, 80, 2, 0.4, fast_dev_run=True)
-            >>> [s.is_channel_step(t) for t in (1, 2)], s.channel_target(1), [s.in_phase2(t) for t in (1, 2)]
-            ([True, False], 0.4, [False, True])
-        """
-        schedule = cls(*args, **kwargs)
-        if fast_dev_run:
-            return replace(schedule, steps_per_epoch=1, stop_dst_epochs=1 if schedule.total_steps >= 3 else 0,
-                           stop_gmp_epochs=1, channel_interval_epochs=1, update_interval=1, smoke=True)
-        if max_epochs > 0 and (schedule.stop_gmp_epochs > max_epochs or schedule.stop_dst_epochs >= max_epochs):
-            raise ValueError(
-                f"Chase schedule does not fit max_epochs={max_epochs}: stop_gmp_epochs={schedule.stop_gmp_epochs} "
-                f"must be <= max_epochs and stop_dst_epochs={schedule.stop_dst_epochs} < max_epochs."
-            )
-        return schedule
-
-    @property
-    def phase2_start(self) -> int:
-        return self.total_steps - self.stop_dst_epochs * self.steps_per_epoch
-
-    @property
-    def channel_stop(self) -> int:
-        return self.stop_gmp_epochs * self.steps_per_epoch
-
-    def is_update_step(self, step: int) -> bool:
-        """A DST update after the optimizer step that made ``step`` steps (reference ``steps % ΔT == 0``)."""
-        return 0 < step < self.total_steps and step % self.update_interval == 0
-
-    def is_channel_step(self, step: int) -> bool:
-        """A channel removal after the optimizer step that made ``step`` steps."""
-        if self.channel_sparsity == 0 or step <= 0:
-            return False
-        if self.smoke:
-            return step == 1
-        interval = self.channel_interval_epochs * self.steps_per_epoch
-        return step < self.channel_stop and (step + self.update_interval // 2) % interval == 0
-
-    def channel_target(self, step: int) -> float:
-        """Target fraction of candidate channels removed after the step that made ``step`` steps."""
-        if self.smoke:
-            return self.channel_sparsity
-        return channel_sparsity_schedule(step - 1, self.channel_stop, self.channel_sparsity)
-
-    def in_phase2(self, step: int) -> bool:
-        return step >= self.phase2_start
-
-    def phase1_fraction(self, step: int) -> float:
-        """r_t: the fraction of N carried after a phase-1 update (D + ``drop_fraction`` → D + 0.005)."""
-        return cosine_drop_fraction(step, max(1, self.phase2_start), self.density + self.drop_fraction,
-                                    self.density + PHASE1_FINAL_GROWTH)
-
-    def phase2_fraction(self, step: int) -> float:
-        """p_t: the per-layer drop fraction of phase 2, read from one cosine over the whole training."""
-        hi, lo = self.phase2_drop_fraction
-        return cosine_drop_fraction(step, max(1, self.total_steps), hi, lo)
 
 
 @dataclass(frozen=True)
@@ -182,11 +51,15 @@ class Update:
         pruned: per layer, the positions the prune step removed (a regrown one among them restarts at 0,
             as the reference zeroes a pruned weight and its momentum before it grows).
         grown: the number of positions activated by the grow step.
+        phase: 1 (soft memory bound) or 2 (strict budget); 0 when not set by :func:`scheduled_update`.
+        rate: r_t of phase 1 (the fraction of N carried) or p_t of phase 2 (the drop fraction).
     """
 
     masks: Masks
     pruned: Masks
     grown: int
+    phase: int = 0
+    rate: float = 0.0
 
 
 def _count(masks: Mapping[str, torch.Tensor]) -> int:
@@ -274,6 +147,23 @@ def strict_budget_update(weights: Mapping[str, torch.Tensor], masks: Masks, grad
         grown += int((new & ~kept).sum())
         out[name] = new
     return Update(out, pruned, grown)
+
+
+def scheduled_update(schedule: ChaseSchedule, step: int, weights: Mapping[str, torch.Tensor], masks: Masks,
+                     grads: Mapping[str, torch.Tensor | None], allowed: Mapping[str, torch.Tensor], budget: int,
+                     total_weights: int, growth: str, generator: torch.Generator, phase1: str = "layerwise") -> Update:
+    """The DST update ``schedule`` asks for after the step that made ``step`` steps: :func:`soft_bound_update`
+    towards r_t·N in phase 1, :func:`strict_budget_update` with p_t in phase 2, both towards the ERK counts
+    redistributed over the remaining shapes (:func:`budget_targets`). ``phase`` and ``rate`` say which ran."""
+    targets = budget_targets(weights, masks, allowed, budget)
+    if not schedule.in_phase2(step):  # phase 1: soft memory bound
+        rate = schedule.phase1_fraction(step)  # r_t
+        update = soft_bound_update(weights, masks, grads, budget, rate * total_weights, growth, generator, allowed,
+                                   phase1, targets)
+        return replace(update, phase=1, rate=rate)
+    rate = schedule.phase2_fraction(step)  # p_t: per-layer RigL towards the redistributed ERK counts
+    update = strict_budget_update(weights, masks, grads, rate, targets, growth, generator, allowed)
+    return replace(update, phase=2, rate=rate)
 
 
 def _room(weight: torch.Tensor, allowed: torch.Tensor | None) -> int:
@@ -373,6 +263,58 @@ class ChannelBook:
         self.start = dict(state["start_channels"])
         self.removed = {k: list(v) for k, v in state["removed"].items()}
         self.slimmed = {k: list(v) for k, v in state["slimmed"].items()}
+
+
+@dataclass(frozen=True)
+class ChannelRemoval:
+    """One planned channel removal.
+
+    Attributes:
+        count: channels the cubic target asks to remove now (0: nothing to do at this step).
+        chosen: candidate layer -> indices (current indexing) of its channels to remove, layers that lose
+            none left out; it may hold fewer than ``count`` channels when the per-layer floors stop it.
+    """
+
+    count: int
+    chosen: dict[str, torch.Tensor]
+
+
+def plan_channel_removal(producers: Mapping[str, Sequence[str]], weights: Mapping[str, torch.Tensor],
+                         masks: Mapping[str, torch.Tensor], book: ChannelBook, channels: Mapping[str, int],
+                         target: float, channel_sparsity: float, minimum_ratio: float,
+                         score: str = "umm") -> ChannelRemoval:
+    """Which candidate channels to remove to reach the target fraction ``target`` (s_t) of removed channels
+    (CHASE.md §2): score every active channel (UMM over its layer's producer filters ⊙ masks), then take the
+    lowest scores across all layers, each layer keeping ``floor(C_l·(1 − S_c)·β)`` of its original channels.
+
+    Args:
+        producers: candidate layer -> names of the weights writing its channels (dim 0 = the channel).
+        weights: parameter name -> tensor (the producers' weights).
+        masks: parameter name -> enforced mask (a producer without one counts as dense).
+        book: the removed/slimmed channels so far (original indexing).
+        channels: candidate layer -> its channel count in the current (possibly slimmed) model.
+        target: s_t, the fraction of the original candidate channels removed after this step.
+        channel_sparsity: S_c, the final fraction (for the floors).
+        minimum_ratio: β, the floor factor.
+        score: ``"umm"`` or ``"maskwise"``.
+
+    Example:
+        >>> w = {"a": torch.tensor([[0.1, 0.1], [1.0, 1.0]]), "b": torch.tensor([[2.0], [0.2]])}
+        >>> book = ChannelBook(start={"a": 2, "b": 2})
+        >>> plan = plan_channel_removal({"a": ["a"], "b": ["b"]}, w, {}, book, {"a": 2, "b": 2}, 0.5, 0.5, 1.0)
+        >>> plan.count, {k: v.tolist() for k, v in plan.chosen.items()}
+        (2, {'a': [0], 'b': [1]})
+    """
+    scores = {k: group_channel_scores([weights[w] for w in names], [masks.get(w) for w in names], score).cpu()
+              for k, names in producers.items()}
+    active = {k: book.active_flags(k, channels[k]) for k in producers}
+    count = n_channels_to_remove(sum(int(a.sum()) for a in active.values()), sum(book.start.values()), target)
+    if count == 0:
+        return ChannelRemoval(0, {})
+    # floors are in original channels; slimmed channels are already gone from `active`
+    floors = {k: channel_floor(book.start[k], channel_sparsity, minimum_ratio) for k in producers}
+    chosen = select_channels_to_remove(scores, active, floors, count)
+    return ChannelRemoval(count, {k: idx for k, idx in chosen.items() if idx.numel() > 0})
 
 
 def total_weights_of_old_state(state: Mapping[str, Any]) -> int:

@@ -84,6 +84,10 @@ def layer_counts(densities: Mapping[str, float], shapes: Mapping[str, Sequence[i
 
     With ``total`` given, counts are adjusted by largest remainder so they add up to exactly ``total``
     (the global budget B); otherwise each is ``round(d * numel)``.
+
+    Example:
+        >>> layer_counts({"a": 0.15, "b": 0.25}, {"a": (10, 5), "b": (4, 3)}, total=11)  # 7.5 and 3 weights
+        {'a': 8, 'b': 3}
     """
     numel = {k: _numel(shapes[k]) for k in densities}
     exact = {k: min(1.0, max(0.0, densities[k])) * numel[k] for k in densities}

@@ -69,7 +69,13 @@ def mask_optimizer_state_(
 
 
 def random_mask(shape: Sequence[int], count: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool mask of ``shape`` with exactly ``count`` True positions chosen uniformly at random."""
+    """A bool mask of ``shape`` with exactly ``count`` True positions chosen uniformly at random.
+
+    Example:
+        >>> m = random_mask((4, 8), 5, torch.Generator().manual_seed(0))
+        >>> m.shape, m.dtype, int(m.sum())
+        (torch.Size([4, 8]), torch.bool, 5)
+    """
     numel = int(torch.Size(shape).numel())
     if not 0 <= count <= numel:
         raise ValueError(f"count must be in [0, {numel}] for shape {tuple(shape)}, got count={count}.")
@@ -80,7 +86,12 @@ def random_mask(shape: Sequence[int], count: int, generator: torch.Generator, de
 
 
 def global_density(masks: Mapping[str, torch.Tensor]) -> float:
-    """Kept positions over all masks / all positions."""
+    """Kept positions over all masks / all positions.
+
+    Example:
+        >>> global_density({"a": torch.tensor([True, False, False, False]), "b": torch.ones(4, dtype=torch.bool)})
+        0.625
+    """
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return kept / max(1, total)

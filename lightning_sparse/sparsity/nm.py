@@ -40,6 +40,8 @@ __all__ = [
     "LAYOUTS",
     "nm_mask",
     "srste",
+    "srste_masked",
+    "srste_gradient",
     "nm_violations",
     "nm_skip_reason",
     "is_nm_eligible",
@@ -165,12 +167,47 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channe
     return keep.view(weight.shape)
 
 
+def srste_masked(weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channels") -> torch.Tensor:
+    """SR-STE's forward weight ``W̃ = W ⊙ M(W)`` (not differentiable through the mask).
+
+    The one implementation of the forward: :func:`srste` and the ``NMSparsity`` callback (through
+    :meth:`~lightning_sparse.sparsity.engine.MaskEngine.write_masked`) both call it.
+
+    Example:
+        >>> srste_masked(torch.tensor([[1.0, -3.0, 2.0, 0.5]]), 2, 4).tolist()
+        [[0.0, -3.0, 2.0, 0.0]]
+    """
+    return weight * nm_mask(weight, n, m, layout)
+
+
+def srste_gradient(
+    grad: torch.Tensor, weight: torch.Tensor, masked: torch.Tensor, decay: float, inplace: bool = False
+) -> torch.Tensor:
+    """SR-STE's gradient of the dense weight: ``grad + decay · (1 − M) ⊙ W``, from ``grad`` = ∂L/∂W̃.
+
+    ``(1 − M) ⊙ W`` is computed as ``W − W̃`` (``masked`` from :func:`srste_masked`), which is exact: kept
+    entries give ``w − w = 0``, pruned ones ``w − 0 = w``. ``inplace`` adds into ``grad`` (the callback's path,
+    on ``Parameter.grad``); otherwise a new tensor is returned (the autograd path of :func:`srste`).
+
+    Example:
+        >>> w = torch.tensor([[1.0, -3.0, 2.0, 0.5]])
+        >>> srste_gradient(torch.ones(1, 4), w, srste_masked(w, 2, 4), 0.1).tolist()
+        [[1.100000023841858, 1.0, 1.0, 1.0499999523162842]]
+    """
+    term = weight - masked
+    return grad.add_(term, alpha=decay) if inplace else torch.add(grad, term, alpha=decay)
+
+
 class SRSTE(torch.autograd.Function):
-    """``W ↦ W ⊙ M(W)``; backward ``g ↦ g + decay · (1 − M(W)) ⊙ W`` (decay 0: straight-through)."""
+    """``W ↦ W ⊙ M(W)``; backward ``g ↦ g + decay · (1 − M(W)) ⊙ W`` (decay 0: straight-through).
+
+    Forward and backward are :func:`srste_masked` and :func:`srste_gradient`, the functions the
+    ``NMSparsity`` callback runs on its Parameters.
+    """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, n: int, m: int, decay: float, layout: Layout) -> torch.Tensor:
-        masked = weight * nm_mask(weight, n, m, layout)
+        masked = srste_masked(weight, n, m, layout)
         ctx.decay = float(decay)
         if ctx.decay:
             ctx.save_for_backward(weight, masked)
@@ -181,8 +218,7 @@ class SRSTE(torch.autograd.Function):
         if not ctx.decay:
             return grad, None, None, None, None
         weight, masked = ctx.saved_tensors
-        # (1 - M) ⊙ W is exactly W - W ⊙ M (kept entries give w - w = 0, pruned ones w - 0 = w)
-        return torch.add(grad, weight - masked, alpha=ctx.decay), None, None, None, None
+        return srste_gradient(grad, weight, masked, ctx.decay), None, None, None, None
 
 
 def srste(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +23,28 @@ def fixed_loader(n: int = 96, batch_size: int = 16, image_size: int = 8, in_chan
     return DataLoader(TensorDataset(x, y[:n]), batch_size=batch_size, shuffle=False)
 
 
-def trainer(tmp_path: Any, max_steps: int, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=str(tmp_path),
+def trainer(tmp_path: Any = None, max_steps: int = -1, callbacks: Sequence[pl.Callback] = (),
+            **kwargs: Any) -> pl.Trainer:
+    """The tests' one Trainer factory: CPU, one device, deterministic, no logger, checkpoint, progress bar or
+    model summary; ``default_root_dir`` is ``tmp_path``. Any Trainer argument in ``kwargs`` overrides these."""
+    options: dict[str, Any] = dict(
+        default_root_dir=None if tmp_path is None else str(tmp_path),
         max_steps=max_steps,
         accelerator="cpu",
         devices=1,
-        logger=kwargs.pop("logger", False),
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
         deterministic=True,
-        **kwargs,
     )
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def out_channels(config: dict[str, dict[str, int]]) -> int:
+    """Total output channels of the convolutions in a channel config (``lightning_sparse.slim.channel_config``)."""
+    return sum(c["out_channels"] for c in config.values() if "out_channels" in c)
 
 
 def optimizer_state(trainer: pl.Trainer) -> list[dict[str, torch.Tensor]]:

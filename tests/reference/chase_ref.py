@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from .chase_ref_channels import ChannelRemovalRef
+from .chase_ref_schedule import (
+    CosineDecay,
+    StepEvents,
+    chase_erk_densities,
+    cosine_decay_closed,
+    gradual_pruning_rate,
+    minimum_layer,
+    step_events,
+)
 
 __all__ = [
     "ChaseRef",
@@ -38,140 +47,9 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- schedules
-class CosineDecay:
-    """core.CosineDecay: wraps torch CosineAnnealingLR on a dummy SGD; ``step()`` then ``get_dr()``."""
-
-    def __init__(self, prune_rate: float, T_max: int, eta_min: float = 0.0, last_epoch: int = -1,
-                 init_step: int = 0) -> None:
-        self.sgd = torch.optim.SGD(torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1))]), lr=prune_rate)
-        self.cosine_stepper = torch.optim.lr_scheduler.CosineAnnealingLR(self.sgd, T_max, eta_min, last_epoch)
-        for _ in range(init_step):
-            self.step()
-
-    def step(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.cosine_stepper.step()
-
-    def get_dr(self) -> float:
-        return float(self.sgd.param_groups[0]["lr"])
-
-
-def cosine_decay_closed(t: int, base: float, T_max: int, eta_min: float = 0.0) -> float:
-    """Value of CosineDecay after ``t`` calls to step(): eta_min + (base-eta_min)*(1+cos(pi*t/T_max))/2."""
-    return eta_min + (base - eta_min) * (1.0 + math.cos(math.pi * t / T_max)) / 2.0
-
-
-def gradual_pruning_rate(step: float, initial_threshold: float, final_threshold: float,
-                         initial_time: float, final_time: float) -> float:
-    """Masking.gradual_pruning_rate: cubic ramp initial -> final over (initial_time, final_time]."""
-    if step <= initial_time:
-        return initial_threshold
-    if step > final_time:
-        return final_threshold
-    mul_coeff = 1 - (step - initial_time) / (final_time - initial_time)
-    return final_threshold + (initial_threshold - final_threshold) * (mul_coeff ** 3)
-
-
-def minimum_layer(out_channels: int, start_layer_rate: float, minumum_ratio: float) -> int:
-    """Masking.init: per-layer filter floor int(out_channels * (1 - start_layer_rate) * minumum_ratio)."""
-    return int(out_channels * (1 - start_layer_rate) * minumum_ratio)
-
-
-# ----------------------------------------------------------------------------- ERK
-def chase_erk_densities(shapes: Mapping[str, Sequence[int]], density: float,
-                        erk_power_scale: float = 1.0) -> Dict[str, float]:
-    """ERK loop of Masking.init('ERK') / update_erk_dic: n_ones = N*density (NOT floored, unlike RigL),
-    raw = (sum(shape)/prod(shape))**power, every layer tied at the max raw prob made dense (1.0)."""
-    dense: set = set()
-    while True:
-        divisor = 0.0
-        rhs = 0.0
-        raw: Dict[str, float] = {}
-        for name, shp in shapes.items():
-            n_param = float(np.prod(shp))
-            if name in dense:
-                rhs -= n_param * (1 - density)
-            else:
-                rhs += n_param * density
-                raw[name] = (float(np.sum(shp)) / float(np.prod(shp))) ** erk_power_scale
-                divisor += raw[name] * n_param
-        eps = rhs / divisor
-        max_prob = max(raw.values())
-        if max_prob * eps > 1:
-            for name, p in raw.items():
-                if p == max_prob:
-                    dense.add(name)
-        else:
-            break
-    return {name: (1.0 if name in dense else eps * raw[name]) for name in shapes}
-
-
-# ----------------------------------------------------------------------------- step timing
-@dataclass
-class StepEvents:
-    """What one ``Masking.step()`` call does (see step_events)."""
-
-    steps_after: int
-    prune_rate: float  # r_t (mest decay), read after its step()
-    dst_rate: float  # phase-2 rate (dst_decay), read after its step()
-    layer_rate: float  # gradual_pruning_rate(steps_before, ...)
-    channel_removal: bool  # del_layer() runs
-    update_erk: bool  # update_erk_dic() runs after del_layer
-    mask_update: Optional[str]  # None | 'mest' (prune+grow, phase 1) | 'mest_dst' / 'dst' (truncate_weights)
-    mask_update_rate: Optional[float]
-
-
-def step_events(steps_before: int, *, steps_per_epoch: int, total_epochs: int, stop_dst_epochs: int,
-                stop_gmp_epochs: float, update_frequency: Optional[int], layer_interval_epochs: float,
-                start_layer_rate: float, prune_rate: float, density: float, filter_dst: bool = True,
-                mest: bool = True, mest_dst: bool = True, dst: bool = False, growth: str = "gradients",
-                init_step: int = 0) -> StepEvents:
-    """Pure model of ``Masking.step`` (fresh run: Masking(step=0), decays with init_step=0).
-
-    Order in the reference: optimizer.step(); apply_mask(); prune_rate_decay.step() and read;
-    layer_rate = gradual_pruning_rate(self.steps [BEFORE increment], 0, start_layer_rate, 0,
-    floor(stop_gmp_epochs*len)); dst_decay.step() and read; steps += 1; then channel removal if
-    filter_dst and 0 <= steps < final_prune_time and (steps + k/2) % layer_interval == 0 (k/2 is a
-    float division, so an odd k never fires); then (mest) if steps < len*(total-stop_dst) and
-    steps % k == 0: prune+grow with prune_rate, elif mest_dst and steps % k == 0: truncate_weights(dst_rate);
-    or (dst, without mest) steps % k == 0: truncate_weights(dst_rate). ``update_frequency=None`` is --fix.
-    layer_interval = int(layer_interval_epochs * len). Decays are stepped once per call, so after
-    the call with steps_before = s they have been stepped s + 1 (+ init_step) times.
-    """
-    L = steps_per_epoch
-    t = steps_before + 1 + init_step
-    pr = cosine_decay_closed(t, prune_rate + density, L * (total_epochs - stop_dst_epochs), density + 0.005)
-    dr = cosine_decay_closed(t, 0.5, math.floor(total_epochs * L), 0.005)
-    final_prune_time = math.floor(stop_gmp_epochs * L)
-    layer_rate = gradual_pruning_rate(steps_before, 0.0, start_layer_rate, 0.0, final_prune_time)
-    steps = steps_before + 1
-    k = update_frequency
-    layer_interval = int(layer_interval_epochs * L)
-    removal = False
-    if filter_dst and k is not None:
-        if steps >= 0.0 and steps < final_prune_time:
-            if (steps + (k / 2)) % layer_interval == 0:
-                removal = True
-    mu: Optional[str] = None
-    rate: Optional[float] = None
-    if mest:
-        if steps < L * (total_epochs - stop_dst_epochs):
-            if k is not None and steps % k == 0:
-                mu, rate = "mest", pr
-        elif mest_dst:
-            if k is not None and steps % k == 0:
-                mu, rate = "mest_dst", dr
-    elif dst:
-        if k is not None and steps % k == 0:
-            mu, rate = "dst", dr
-    return StepEvents(steps, pr, dr, layer_rate, removal, removal and "global" not in growth, mu, rate)
-
-
 # ----------------------------------------------------------------------------- Masking math
 @dataclass
-class ChaseRef:
+class ChaseRef(ChannelRemovalRef):
     """State + update math of Imagenet/core.py ``Masking`` (one model, CPU tensors, keyed by name).
 
     weights / masks / grads / momentum: masked layers only (the reference removes biases and BN).
@@ -512,96 +390,3 @@ class ChaseRef:
         elif ev.mask_update in ("mest_dst", "dst"):
             assert ev.mask_update_rate is not None
             self.truncate_weights(ev.mask_update_rate)
-
-    # -- channel removal ------------------------------------------------------------------
-    def _filter_score(self, w_filter: Tensor, m_filter: Tensor, score: str) -> float:
-        if score == "mask_wise":  # mean |w| over the filter's ACTIVE connections (empty -> nan, kept)
-            return w_filter.abs()[m_filter.bool()].mean().item()
-        if score == "mag_wise":  # "UMM": mean |w| over the whole filter (zeros and removed inputs included)
-            return w_filter.abs().mean().item()
-        if score == "kernal_wise":
-            v = w_filter.reshape(w_filter.size(0), -1).sum(dim=1)
-            return (v != 0).sum().int().item() / v.numel()
-        if score == "connection_wise":
-            return (w_filter != 0).sum().int().item() / w_filter.numel()
-        raise ValueError(score)
-
-    def filter_scores(self, name: str, score: str = "mag_wise") -> List[float]:
-        """Per-filter score of the ALIVE filters of active layer ``name`` (prune_score's inner loop)."""
-        sel = self.alive[name].bool()
-        w, m = self.weights[name].abs()[sel], self.masks[name][sel]
-        return [self._filter_score(fw, fm, score) for fw, fm in zip(w, m)]
-
-    def prune_score(self, layers: Sequence[str], total_to_prune: float, score: str = "mag_wise") -> float:
-        """Masking.prune_score: np.sort(scores)[-int(len - total_to_prune)] (literal numpy indexing:
-        int() truncates; when it is 0 the index is 0 -> the MIN score -> nothing is strictly below)."""
-        all_scores: List[float] = []
-        for name in layers:
-            all_scores.extend(self.filter_scores(name, score))
-        return float(np.sort(np.array(all_scores))[-int(len(all_scores) - total_to_prune)])
-
-    def del_layer(self, layer_rate: float, baseline_filter_num: float, minimum_layer: Mapping[str, int],
-                  score: str = "mag_wise", max_rounds: int = 1000) -> Dict[str, List[int]]:
-        """Masking.del_layer: keep baseline_filter_num*(1-layer_rate) filters over all active layers.
-
-        Each round: acceptable = prune_score(non-floored layers, to_prune - already pruned); per
-        non-floored layer, filters with score < acceptable (STRICT) are candidates; if removing them
-        leaves fewer than minimum_layer[l] (= int(out*(1-start_layer_rate)*minumum_ratio)), only the
-        int(current - minimum) lowest (stable argsort) are removed and the layer is floored and the
-        shortfall carried to the next round (residual). Removal is applied (alive -> 0, filter masks,
-        apply_mask) after every round. The reference's loop counter is never incremented; here
-        ``max_rounds`` raises RuntimeError instead of looping forever. Returns removed indices per layer.
-        """
-        rate = 1 - layer_rate
-        filter_numer = sum(v.sum().item() for v in self.alive.values())
-        total_to_prune = filter_numer - baseline_filter_num * rate
-        layer_prune: Dict[str, List[int]] = {}
-        if total_to_prune < 0:
-            return layer_prune
-        residual_layer: Dict[str, float] = {}
-        residual = 9999.0
-        rounds = 0
-        while residual > 0:
-            rounds += 1
-            if rounds > max_rounds:
-                raise RuntimeError("del_layer residual loop did not terminate")
-            residual = 0.0
-            layers = [a for a in self.pairs if a not in residual_layer]
-            pruned = sum(len(v) for v in layer_prune.values())
-            ttp = filter_numer - baseline_filter_num * rate - pruned
-            acceptable = self.prune_score(layers, ttp, score)
-            for a in self.pairs:
-                if a in residual_layer:
-                    continue
-                del_ind: List[int] = []
-                mags: List[float] = []
-                w, m = self.weights[a].abs(), self.masks[a]
-                for fi in range(w.shape[0]):
-                    if self.alive[a][fi].item() == 1.0:
-                        s = self._filter_score(w[fi], m[fi], score)
-                        if s < acceptable:
-                            del_ind.append(fi)
-                            mags.append(s)
-                current = self.alive[a].sum().item()
-                single_residual = minimum_layer[a] - (current - len(del_ind))
-                layer_prune.setdefault(a, [])
-                if single_residual > 0:
-                    residual += single_residual
-                    n_keep_del = int(current - minimum_layer[a])
-                    order = np.argsort(np.array(mags), kind="stable")[:n_keep_del]
-                    layer_prune[a].extend(int(i) for i in np.array(del_ind, dtype=np.int64)[order])
-                    residual_layer[a] = single_residual
-                else:
-                    layer_prune[a].extend(del_ind)
-            for a in self.pairs:
-                self.del_func(layer_prune[a], a)
-        for a in self.pairs:  # the reference repeats the (idempotent) removal after the loop
-            self.del_func(layer_prune[a], a)
-        return layer_prune
-
-    def del_func(self, del_ind: Sequence[int], active: str) -> None:
-        """Masking.del_func: alive[active][del_ind] = 0 (= passive_names too), update_filter_mask, apply_mask."""
-        if len(del_ind):
-            self.alive[active][torch.as_tensor(list(del_ind), dtype=torch.long)] = 0
-        self.update_filter_mask()
-        self.apply_mask()

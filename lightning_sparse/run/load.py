@@ -17,50 +17,24 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import yaml
 from torch import nn
 
+from lightning_sparse.run.model import NM, RunModel
+from lightning_sparse.run.resolve import config_image_size, find_config, resolve_image_size
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
 from lightning_sparse.sparsity.nm import bake_nm
+from lightning_sparse.utils.inputs import example_inputs
 
-__all__ = ["ExportSource", "load_source"]
+__all__ = ["load_run_model"]
 
 _PREFIX = "model."  # the timm backbone inside ImageClassifier
-
-
-@dataclass
-class ExportSource:
-    """A run's deployable network (eval mode) and what is known about it."""
-
-    model: nn.Module
-    arch: str
-    num_classes: int
-    in_chans: int
-    image_size: int
-    model_kwargs: dict[str, Any]
-    kind: str  # "lightning checkpoint" | "slim export"
-    nm: dict[str, str] = field(default_factory=dict)  # baked parameter name -> "n:m"
-    notes: list[str] = field(default_factory=list)
-
-    def dense(self) -> nn.Module:
-        """A dense model of the same timm architecture (random weights, eval mode)."""
-        return timm.create_model(
-            self.arch, pretrained=False, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
-        ).eval()
-
-    def example_inputs(self, batch_size: int, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch_size, self.in_chans, self.image_size, self.image_size, generator=g)
 
 
 def _not_a_checkpoint(path: Path, why: str) -> ValueError:
@@ -79,50 +53,35 @@ def _read(path: Path) -> dict[str, Any]:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise _not_a_checkpoint(path, f"is not a readable torch file ({type(err).__name__})") from None
+            raise _not_a_checkpoint(path, "is not a readable Lightning checkpoint or slim export (not a readable "
+                                          f"torch file: {type(err).__name__})") from None
     if not isinstance(payload, dict):
         raise _not_a_checkpoint(path, f"holds a {type(payload).__name__}")
     return payload
 
 
-def _config_image_size(path: Path) -> int | None:
-    """``data.init_args.image_size`` (or the DataModule's default) of the run's ``config.yaml``, if any."""
-    for folder in (path.parent, path.parent.parent):
-        cfg_path = folder / "config.yaml"
-        if not cfg_path.is_file():
-            continue
-        data = (yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}
-        size = (data.get("init_args") or {}).get("image_size")
-        if size is None and data.get("class_path"):
-            module, _, name = data["class_path"].rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                return None
-            param = inspect.signature(cls.__init__).parameters.get("image_size")
-            size = getattr(cls, "image_size", None) if param is None else param.default
-        return size if isinstance(size, int) else None
-    return None
+def _timm_default_size(model: nn.Module) -> int:
+    """The input size a timm model was built for (ViT-style ``patch_embed.img_size``), else its default
+    config's (224 where it has none)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(tuple(size)[-1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
-def _image_size(path: Path, payload: Mapping[str, Any], override: int | None) -> int:
-    if override is not None:
-        if isinstance(override, bool) or not isinstance(override, int) or override < 1:
-            raise ValueError(f"image_size must be a positive int, got image_size={override!r}.")
-        return override
+def _image_size(path: Path, payload: Mapping[str, Any], override: int | None, model: nn.Module | None = None) -> int:
+    """``override``, else the checkpoint's datamodule hyper-parameters, the slim export's meta or example,
+    the run's ``config.yaml``; else (``model`` given) the size the timm model was built for."""
     found = [
         (payload.get("datamodule_hyper_parameters") or {}).get("image_size"),
         (payload.get("meta") or {}).get("image_size"),
         payload["example_inputs"].shape[-1] if torch.is_tensor(payload.get("example_inputs")) else None,
-        _config_image_size(path),
+        config_image_size(find_config(path)),
+        None if model is None else _timm_default_size(model),
     ]
-    size = next((int(s) for s in found if isinstance(s, int)), None)
-    if size is None:
-        raise ValueError(
-            f"cannot tell the input size of {str(path)!r}: no datamodule hyper-parameters, no image_size in its "
-            "meta and no config.yaml next to it. Pass --image_size."
-        )
-    return size
+    return resolve_image_size(override, found, repr(str(path)), "no datamodule hyper-parameters, no image_size in "
+                              "its meta and no config.yaml next to it")
 
 
 def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -176,14 +135,14 @@ def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torc
     return notes
 
 
-def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, NM], list[str]]:
     """Bake the N:M masks the forward used (after the dense warm-up), from the callback state."""
     nm, notes = {}, []
     step = int(payload.get("global_step", 0))
     for key, cb in (payload.get("callbacks") or {}).items():
         if not key.startswith("NMSparsity") or not isinstance(cb, Mapping):
             continue
-        n, m, layout = int(cb["n"]), int(cb["m"]), str(cb.get("layout", "input_channels"))
+        pattern, layout = NM(int(cb["n"]), int(cb["m"])), str(cb.get("layout", "input_channels"))
         warmup = int(cb.get("dense_warmup_steps", 0))
         names = [t[len(_PREFIX):] for t in cb.get("targets") or [] if t.startswith(_PREFIX)]
         if not names:
@@ -192,22 +151,25 @@ def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, st
             notes.append(f"{key}: checkpoint at step {step}, before dense_warmup_steps={warmup}: "
                          "the forward was dense, weights exported without N:M masks.")
             continue
-        for name in bake_nm(model, n, m, layout, names=names):
-            nm[name] = f"{n}:{m}"
-        notes.append(f"{key}: {n}:{m} masks ({layout}) recomputed from the dense weights and baked into {len(names)} weights.")
+        for name in bake_nm(model, pattern.n, pattern.m, layout, names=names):
+            nm[name] = pattern
+        notes.append(f"{key}: {pattern} masks ({layout}) recomputed from the dense weights and baked into "
+                     f"{len(names)} weights.")
     return nm, notes
 
 
-def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None) -> ExportSource:
+def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None, model_default_size: bool,
+                    remove_zeroed_channels: bool) -> RunModel:
     hp = payload.get("hyper_parameters") or {}
     missing = [k for k in ("model_name", "num_classes", "in_chans") if k not in hp]
     if missing:
         raise _not_a_checkpoint(path, f"has no ImageClassifier hyper-parameters {missing}")
     arch, num_classes, in_chans = str(hp["model_name"]), int(hp["num_classes"]), int(hp["in_chans"])
     model_kwargs = dict(hp.get("model_kwargs") or {})
-    size = _image_size(path, payload, image_size)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
-    restore_channel_config(model, payload, torch.randn(1, in_chans, size, size), prefix=_PREFIX)
+    size = _image_size(path, payload, image_size, model if model_default_size else None)
+    shape = (in_chans, size, size)
+    restore_channel_config(model, payload, example_inputs(shape), prefix=_PREFIX)
     state = payload["state_dict"]
     weights = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
     try:
@@ -215,32 +177,38 @@ def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None)
     except RuntimeError as err:
         raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {arch!r}: {err}") from None
     notes = _check_masks(payload, state)
-    notes += _slim_removed_channels(model, payload, torch.randn(2, in_chans, size, size))
+    if remove_zeroed_channels:
+        notes += _slim_removed_channels(model, payload, example_inputs(shape, batch_size=2))
     nm, nm_notes = _bake_nm(model, payload)
-    return ExportSource(model.eval(), arch, num_classes, in_chans, size, model_kwargs, "lightning checkpoint",
-                        nm, notes + nm_notes)
+    return RunModel(model.eval(), arch, num_classes, in_chans, size, model_kwargs, "lightning checkpoint",
+                    nm, notes + nm_notes)
 
 
-def load_source(path: str | Path, image_size: int | None = None) -> ExportSource:
+def load_run_model(path: str | Path, image_size: int | None = None, *, model_default_size: bool = False,
+                   remove_zeroed_channels: bool = True) -> RunModel:
     """The deployable network of a Lightning checkpoint or a slim export file (see the module docstring).
 
     Args:
         path: the checkpoint or slim export file.
         image_size: input height/width; default: the checkpoint's datamodule hyper-parameters, the slim
             export's stored example, or the run's ``config.yaml`` (``data.init_args.image_size``).
+        model_default_size: where none of those tells the size, use the one the timm model was built for
+            (else that is an error).
+        remove_zeroed_channels: remove the channels a Chase run zeroed but never slimmed (off: the network
+            keeps the channel counts the checkpoint stores).
 
     Raises:
         ValueError: a missing or unreadable file, a file that is neither kind, weights that do not fit,
-            masks that are not applied, or an unknown input size.
+            masks that are not applied, or an unknown input size (:class:`UnknownImageSize`).
     """
     path = Path(path)
     payload = _read(path)
     if payload.get("format") == SLIM_FORMAT:
-        size = _image_size(path, payload, image_size)
         model = load_slim(path, verify=True)
-        return ExportSource(model.eval(), payload["arch"], int(payload["num_classes"]), int(payload["in_chans"]),
-                            size, dict(payload.get("model_kwargs") or {}), "slim export",
-                            notes=["slim export: weights used as stored."])
+        size = _image_size(path, payload, image_size, model if model_default_size else None)
+        return RunModel(model.eval(), payload["arch"], int(payload["num_classes"]), int(payload["in_chans"]),
+                        size, dict(payload.get("model_kwargs") or {}), "slim export",
+                        notes=["slim export: weights used as stored."])
     if "state_dict" in payload and "hyper_parameters" in payload:
-        return _from_lightning(path, payload, image_size)
+        return _from_lightning(path, payload, image_size, model_default_size, remove_zeroed_channels)
     raise _not_a_checkpoint(path, "is a torch file but neither a Lightning checkpoint nor a slim export")

@@ -1,4 +1,4 @@
-"""CUDA-event timing that tells GPU time from host time, on the device's own stream.
+"""Interleaved timing of callables; on CUDA, events on the device's own stream tell GPU time from host time.
 
 Each timed call starts on an idle GPU (the device is synchronized first), then records a start event,
 runs the call, records an end event. Two figures per call:

@@ -15,13 +15,12 @@ Adds to Lightning's CLI:
   ``runs/<run_name>/``;
 - running without a subcommand does ``fit`` and then ``test`` on the best checkpoint;
 - a bad value, at the command line or in YAML, whatever class it belongs to, ends the run with one line
-  naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli_errors`).
+  naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli.errors`);
+- option names are never matched by prefix (``--trainer.max_epoch`` is an unknown option).
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 import signal
 import sys
@@ -30,59 +29,48 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from jsonargparse import ArgumentError
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
-from lightning_sparse.cli_errors import condense, instances_of, located_error, trainer_error
-from lightning_sparse.run_summary import example_input, silence_known_warnings, summary_lines
-
-from lightning_sparse.loggers import WandbLogger
-from lightning_sparse.preemption import (
-    LAST_PATTERNS,
-    AtomicCheckpointIO,
-    PreemptionCheckpoint,
-    checkpoint_is_readable,
-    find_last_checkpoint,
+from lightning_sparse.cli.checkpoints import (
+    RUNS_DIR,
+    best_checkpoint,
+    best_checkpoint_patterns,
+    last_checkpoint_patterns,
+    resolve_ckpt_path,
 )
+from lightning_sparse.cli.errors import (
+    INPUT_ERRORS,
+    BadValue,
+    LoopsStarted,
+    class_nodes,
+    debug,
+    fail,
+    hook_error_line,
+    instances_of,
+    refused_line,
+    trainer_error_line,
+)
+from lightning_sparse.cli.parse_errors import parse_error_line
+from lightning_sparse.cli.parser import SparseArgumentParser, default_instantiator, refused_in
+from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
+from lightning_sparse.loggers import WandbLogger
+from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 
-__all__ = ["SparseCLI", "main"]
+__all__ = ["BadValue", "SparseCLI", "default_loggers", "default_loggers_with_records", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
 test (on the best checkpoint). Find options: `train.py fit --model.help lightning_sparse.models.ImageClassifier`,
 `train.py fit --sparsity.help lightning_sparse.callbacks.DynamicSparsity` (set one with `--sparsity.density=0.05`),
 `train.py fit --config <yaml> --print_config`. Resume: `train.py fit --config <yaml> --ckpt_path last`."""
-RUNS_DIR = "runs"
-
-
-class BadValue(SystemExit):
-    """Exit code 2 after one printed line (the CLI's usage-error code, as jsonargparse uses)."""
-
-
-def _debug() -> bool:
-    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
-
-
-def fail(prog: str, line: str) -> BadValue:
-    """Print ``<prog>: error: <line>`` on stderr and return the exit-code-2 exception to raise."""
-    sys.stderr.write(f"{prog.replace(' [options]', '')}: error: {line}\n")
-    sys.stderr.flush()
-    return BadValue(2)
-
-
-class SparseArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser whose usage errors are one line (``--help`` still lists every option)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
-        if not self.exit_on_error or _debug():
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        raise fail(parser.prog, f"{condense(message)} (options: {parser.prog.replace(' [options]', '')} --help)")
 
 
 class SparseCLI(LightningCLI):
@@ -95,7 +83,22 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", SparseArgumentParser)
-        super().__init__(*args, **kwargs)
+        self.subcommand: str | None = None
+        self.config_init: Any = None
+        self.loops_started = LoopsStarted()
+        self.logger_records: list[tuple[Logger, dict[str, Any]]] = []
+        argv = kwargs.get("args")
+        argv = list(sys.argv[1:] if argv is None else argv) if not isinstance(argv, dict) else []
+        try:
+            super().__init__(*args, **kwargs)
+        except ArgumentError as err:
+            if debug():
+                raise
+            sub = argv[0] if argv and argv[0] in SUBCOMMANDS and kwargs.get("run", True) else None
+            prog = f"train.py {sub}" if sub else "train.py"
+            raise fail(prog, self.parse_error(argv, str(err), prog)) from None
+        except INPUT_ERRORS as err:
+            raise (self.input_error(err) or err) from None
 
     @property
     def prog(self) -> str:
@@ -104,20 +107,33 @@ class SparseCLI(LightningCLI):
     def _subconfig(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
-    def bad_value(self, err: BaseException) -> BadValue | None:
-        """The one-line exit for an input error a configured object raised (None: not one; ``JSONARGPARSE_DEBUG``)."""
-        if _debug():
+    def parse_error(self, argv: list[str], message: str, prog: str) -> str:
+        """The one line for arguments the parser refused (:mod:`lightning_sparse.cli.parse_errors`)."""
+        sections = {"trainer": self.trainer_class, "checkpoint": ModelCheckpoint, "last_checkpoint": ModelCheckpoint}
+        bases = {"model": self._model_class, "data": self._datamodule_class, "sparsity": pl.Callback}
+        return parse_error_line(self.parser.parse_args, argv, message, SUBCOMMANDS, sections, bases, prog)
+
+    def input_error(self, err: BaseException) -> BadValue | None:
+        """The one-line exit for an input error a configured object raised: while instantiated, or before any
+        loop ran (None: not one, or ``JSONARGPARSE_DEBUG``)."""
+        if debug() or getattr(self, "config", None) is None:
             return None
-        init = getattr(self, "config_init", None)
-        instances = instances_of(init[self.subcommand] if init is not None and self.subcommand else init)
-        line = located_error(err, self._subconfig(), instances)
+        refused = refused_in(err)
+        if refused is not None:
+            return fail(self.prog, refused_line(refused, self._subconfig()))
+        if self.loops_started.started:
+            return None
+        if self.config_init is None:  # raised while instantiating, outside a constructor (an argument link)
+            instances = {path: None for path, _ in class_nodes(self._subconfig())}
+        else:
+            instances = instances_of(self.config_init[self.subcommand] if self.subcommand else self.config_init)
+        line = hook_error_line(err, self._subconfig(), instances)
         return fail(self.prog, line) if line else None
 
+    @override
     def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-            raise (self.bad_value(err) or err) from None
+        self.parser.add_instantiator(default_instantiator, object, subclasses=True)
+        super().instantiate_classes()
         # FLOPs in Lightning's model summary (torch.utils.flop_counter needs an example batch)
         if getattr(self.model, "example_input_array", None) is None:
             example = example_input(self.model, self.datamodule)
@@ -125,7 +141,7 @@ class SparseCLI(LightningCLI):
                 self.model.example_input_array = example
 
     def print_summary(self, fitted: bool = True) -> None:
-        """The end-of-run summary (rank zero; :mod:`lightning_sparse.run_summary`)."""
+        """The end-of-run summary (rank zero; :mod:`lightning_sparse.cli.summary`)."""
         lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None), fitted)
         title = self.prog if self.subcommand else "train.py (fit, then test)"
         _print_rank_zero("\n".join(["", f"---- {title}: summary", *lines]))
@@ -139,85 +155,27 @@ class SparseCLI(LightningCLI):
     def after_test(self) -> None:
         self.print_summary(fitted=False)
 
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", HELP)
         return super().init_parser(**kwargs)
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does, then resolve ``--ckpt_path last`` and check the checkpoint is readable."""
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if sub and self.config[sub].get("ckpt_path"):
             try:
-                self._resolve_ckpt_path(self.config[sub])
+                resolve_ckpt_path(self.config[sub])
             except (ValueError, FileNotFoundError) as err:
-                if _debug():
+                if debug():
                     raise
                 raise fail(f"train.py {sub}", str(err)) from None
 
-    def _resolve_ckpt_path(self, cfg: Any) -> None:
-        """``last``: the newest readable ``last*.ckpt`` / ``interrupted-*.ckpt`` / ``hpc_ckpt_*.ckpt`` of the run
-        (each run logs into a new ``version_N``, so Lightning's own ``"last"``, which looks in the new run's
-        directory, would find nothing); a path: must be a readable Lightning checkpoint."""
-        path = cfg.ckpt_path
-        if path == "last":
-            patterns = self.last_checkpoint_patterns(cfg)
-            found = find_last_checkpoint(Path(p) for pattern in patterns for p in glob.glob(pattern))
-            if found is None:
-                raise FileNotFoundError(f"--ckpt_path=last: no readable checkpoint matches {patterns} "
-                                        f"(run_name={cfg.run_name!r}).")
-            cfg.ckpt_path = str(found)
-            rank_zero_info(f"Resuming from {cfg.ckpt_path}")
-        elif path == "best":
-            found = self.best_checkpoint(cfg)
-            if found is None:
-                raise FileNotFoundError(f"--ckpt_path=best: no best checkpoint of run_name={cfg.run_name!r} "
-                                        f"matches {self.best_checkpoint_patterns(cfg)}.")
-            cfg.ckpt_path = str(found)
-            rank_zero_info(f"--ckpt_path=best: {cfg.ckpt_path}")
-        elif path != "hpc" and "://" not in str(path) and not Path(path).is_file():
-            raise FileNotFoundError(f"--ckpt_path={path!r}: no such file. Pass a .ckpt file, or 'last' / 'best'.")
-        elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
-            raise ValueError(
-                f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
-                "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
-            )
-
-    @staticmethod
-    def best_checkpoint_patterns(cfg: Any) -> list[str]:
-        """Glob patterns of the ``checkpoint`` callback's files (best by ``val/acc``), newest version last."""
-        ckpt = cfg.get("checkpoint") or {}
-        prefix = re.split(r"[{]", str(ckpt.get("filename") or "best"))[0]
-        dirs = [ckpt["dirpath"]] if ckpt.get("dirpath") else [f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints"]
-        return [f"{d}/{prefix}*.ckpt" for d in dirs]
-
-    def best_checkpoint(self, cfg: Any) -> Path | None:
-        """The best checkpoint of the run's newest version that has one (``--ckpt_path best``): the one the
-        ``checkpoint`` callback recorded as best in that version's ``last.ckpt``, else the newest file."""
-        files = [Path(p) for pattern in self.best_checkpoint_patterns(cfg) for p in glob.glob(pattern)]
-        files = [p for p in files if not p.name.startswith(("last", "interrupted-"))]
-        if not files:
-            return None
-        newest_dir = max(files, key=lambda p: p.stat().st_mtime).parent
-        in_dir = sorted((p for p in files if p.parent == newest_dir), key=lambda p: p.stat().st_mtime)
-        last = newest_dir / "last.ckpt"
-        if len(in_dir) > 1 and last.is_file() and not checkpoint_is_readable(str(last)):
-            import torch
-
-            state = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {})
-            named = {Path(v.get("best_model_path") or "").name for k, v in state.items() if k.startswith("ModelCheckpoint")}
-            in_dir = [p for p in in_dir if p.name in named] or in_dir
-        return in_dir[-1]
-
-    @staticmethod
-    def last_checkpoint_patterns(cfg: Any) -> list[str]:
-        """Glob patterns (relative to the working directory) ``--ckpt_path last`` searches."""
-        checkpoint_dir = (cfg.get("last_checkpoint") or {}).get("dirpath")
-        run_dir = (cfg.get("trainer") or {}).get("default_root_dir") or f"{RUNS_DIR}/{cfg.run_name}"
-        ckpt_dirs = [checkpoint_dir] if checkpoint_dir else [f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints"]
-        return [f"{d}/{p}" for d in ckpt_dirs for p in LAST_PATTERNS if not p.startswith("hpc")] + [
-            f"{run_dir}/hpc_ckpt_*.ckpt"
-        ]
+    best_checkpoint_patterns = staticmethod(best_checkpoint_patterns)
+    best_checkpoint = staticmethod(best_checkpoint)
+    last_checkpoint_patterns = staticmethod(last_checkpoint_patterns)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
@@ -251,7 +209,9 @@ class SparseCLI(LightningCLI):
         cfg = self._section("trainer") or {}
         run_name = self._section("run_name")
         if cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(run_name, eval_dir=self._evaluated_run(), stage=self.subcommand)
+            self.logger_records = default_loggers_with_records(run_name, eval_dir=self._evaluated_run(),
+                                                               stage=self.subcommand)
+            kwargs["logger"] = [logger for logger, _ in self.logger_records]
         if cfg.get("default_root_dir") is None:  # SLURM's hpc_ckpt_N.ckpt lands here, not in the cwd
             kwargs.setdefault("default_root_dir", f"{RUNS_DIR}/{run_name}")
         plugins = _as_list(cfg.get("plugins"))
@@ -261,16 +221,15 @@ class SparseCLI(LightningCLI):
         callbacks = [*([sparsity] if sparsity is not None else []), *_as_list(cfg.get("callbacks"))]
         if cfg.get("enable_checkpointing") is not False and not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
             callbacks.append(PreemptionCheckpoint())
-        kwargs.setdefault("callbacks", callbacks)
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), self.loops_started]
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (ValueError, TypeError, MisconfigurationException) as err:
-            if _debug():
+        except INPUT_ERRORS as err:
+            if debug():
                 raise
-            raise fail(self.prog, trainer_error(err, {**dict(cfg), **kwargs})) from None
+            raise fail(self.prog, trainer_error_line(err, {**dict(cfg), **kwargs})) from None
         self._record(trainer)
         return trainer
-
 
     def _evaluated_run(self) -> Path | None:
         """``runs/<name>/version_N`` when validate/test/predict evaluates a checkpoint of that run."""
@@ -290,8 +249,8 @@ class SparseCLI(LightningCLI):
             return Namespace(class_path=f"{type(obj).__module__}.{type(obj).__name__}", init_args=Namespace(**init_args))
 
         if cfg.get("logger") in (None, True) and trainer.loggers:
-            records = [(lg, vars(lg).get("_init_record")) for lg in trainer.loggers]
-            cfg.logger = [entry(lg, **rec) for lg, rec in records if isinstance(rec, dict)] or cfg.logger
+            records = [(lg, rec) for lg, rec in self.logger_records if any(lg is x for x in trainer.loggers)]
+            cfg.logger = [entry(lg, **rec) for lg, rec in records] or cfg.logger
         added = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
         if added and not any("PreemptionCheckpoint" in str(getattr(c, "class_path", "")) for c in _as_list(cfg.get("callbacks"))):
             cfg.callbacks = [*_as_list(cfg.get("callbacks")), entry(added[0])]
@@ -307,7 +266,13 @@ def _as_list(value: Any) -> list[Any]:
 
 def default_loggers(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | None = None,
                     stage: str | None = None) -> list[Logger]:
-    """CSV + W&B (offline by default) loggers of one run version: ``<save_dir>/<run_name>/version_N`` holds
+    """CSV + W&B loggers of one run version (:func:`default_loggers_with_records`)."""
+    return [logger for logger, _ in default_loggers_with_records(run_name, save_dir, eval_dir, stage)]
+
+
+def default_loggers_with_records(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | None = None,
+                                 stage: str | None = None) -> list[tuple[Logger, dict[str, Any]]]:
+    """``(logger, its init arguments)`` of the CSV + W&B (offline by default) loggers of one run version: ``<save_dir>/<run_name>/version_N`` holds
     ``metrics.csv`` and the W&B run (``wandb/offline-run-*``, W&B run name ``<run_name>/version_N``).
 
     ``eval_dir``: validate/test/predict of a checkpoint of that run version write into
@@ -323,10 +288,9 @@ def default_loggers(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | No
         label = f"{run_name}/version_{csv.version}"
     if not Path(csv.log_dir).exists():  # a new version: the W&B folder in it is ours, not an earlier run's logs
         warnings.filterwarnings("ignore", message=f"Experiment logs directory {re.escape(csv.log_dir)} exists")
-    csv._init_record = {"save_dir": str(csv.save_dir), "name": csv.name, "version": csv.version}
     wandb = WandbLogger(save_dir=csv.log_dir, project="lightning_sparse", name=label)
-    wandb._init_record = {"save_dir": csv.log_dir, "project": "lightning_sparse", "name": label}
-    return [csv, wandb]
+    return [(csv, {"save_dir": str(csv.save_dir), "name": csv.name, "version": csv.version}),
+            (wandb, {"save_dir": csv.log_dir, "project": "lightning_sparse", "name": label})]
 
 
 def main(args: list[str] | None = None) -> SparseCLI:
@@ -344,9 +308,8 @@ def main(args: list[str] | None = None) -> SparseCLI:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         cli.print_summary()
         return cli
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:  # raised by a configured object's hook
-        cli = cli or _cli_of(err)
-        exit_ = cli.bad_value(err) if cli is not None and getattr(cli, "config_init", None) is not None else None
+    except INPUT_ERRORS as err:  # raised by a configured object's hook (a subcommand's are handled by SparseCLI)
+        exit_ = cli.input_error(err) if cli is not None else None
         if exit_ is None:
             raise
         raise exit_ from None
@@ -355,17 +318,6 @@ def main(args: list[str] | None = None) -> SparseCLI:
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         _finish_wandb()
-
-
-def _cli_of(err: BaseException) -> SparseCLI | None:
-    """The SparseCLI whose ``__init__`` (running a subcommand) raised ``err``."""
-    tb = err.__traceback__
-    while tb is not None:
-        obj = tb.tb_frame.f_locals.get("self")
-        if isinstance(obj, SparseCLI):
-            return obj
-        tb = tb.tb_next
-    return None
 
 
 def _test_checkpoint(trainer: Trainer) -> str | None:
