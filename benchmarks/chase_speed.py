@@ -42,7 +42,6 @@ from torch import nn
 
 from lightning_sparse.export.runners import CUDA_RUNTIMES, GPU_DTYPES
 from lightning_sparse.export.runners import RUNTIMES as CPU_RUNTIMES
-from lightning_sparse.utils.timing import interleaved_times
 from lightning_sparse.slim import channel_candidates, count_flops, slim_model, zero_channels
 from lightning_sparse.sparsity.channels import (
     channel_floor,
@@ -52,6 +51,7 @@ from lightning_sparse.sparsity.channels import (
     select_channels_to_remove,
 )
 from lightning_sparse.sparsity.dst import initial_masks
+from lightning_sparse.utils.timing import interleaved_times
 
 RUNTIMES = CPU_RUNTIMES + CUDA_RUNTIMES
 
@@ -154,9 +154,11 @@ def per_layer(dense: nn.Module, slim: nn.Module, x: torch.Tensor, top: int = 10)
         hooks = []
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
-                hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: starts.__setitem__(n, time.perf_counter())))
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, inp, n=name, starts=starts: starts.__setitem__(n, time.perf_counter())))
                 hooks.append(m.register_forward_hook(
-                    lambda mod, inp, out, n=name: acc.__setitem__(n, acc.get(n, 0.0) + time.perf_counter() - starts[n])))
+                    lambda mod, inp, out, n=name, acc=acc, starts=starts: acc.__setitem__(
+                        n, acc.get(n, 0.0) + time.perf_counter() - starts[n])))
         with torch.inference_mode():
             model(x)
             acc.clear()

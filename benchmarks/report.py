@@ -13,7 +13,8 @@ The header records the date, CPU model, cores, ``torch.get_num_threads()``, the 
 versions and the load average at the start (on a shared machine absolute times move; the ratios are the
 figures to read).
 
-``chase_checkpoint_speed`` (``chase_speed.py --checkpoint``) needs a Chase checkpoint: ``--chase-checkpoint PATH``, else the newest
+``chase_checkpoint_speed`` (``chase_speed.py --checkpoint``) needs a Chase checkpoint:
+``--chase-checkpoint PATH``, else the newest
 ``runs/**/*.ckpt`` that holds a slimmed Chase state; with none it is reported as skipped, with the command
 that makes one. A script found in ``benchmarks/`` that this file has no settings for runs with its defaults.
 """
@@ -113,7 +114,7 @@ def find_chase_checkpoint() -> Path | None:
     for path in sorted((ROOT / "runs").glob("**/*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # unreadable file: not a candidate
+        except Exception:  # noqa: BLE001 - an unreadable file is not a candidate
             continue
         if any(k.startswith("Chase") and s.get("arch") for k, s in ckpt.get("callbacks", {}).items()):
             return path

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typing_extensions import override
 
 from lightning_sparse.sampling import EpochSampler, IndexOnly, ResumableDataModule, SeededItems
 
@@ -102,6 +103,7 @@ class DigitsDataModule(ResumableDataModule):
         self.max_shift = max_shift
         self.train_set: Dataset | None = None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -130,12 +132,15 @@ class DigitsDataModule(ResumableDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self.resumable_train_loader(self.train_set, self.batch_size, _train_seed(self.split_seed), self.num_workers)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
@@ -146,6 +151,7 @@ class _ImageDataModule(ResumableDataModule):
     def check_data_dir(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    @override
     def prepare_data(self) -> None:
         self.check_data_dir()
 
@@ -168,13 +174,16 @@ class _ImageDataModule(ResumableDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self.resumable_train_loader(SeededItems(self.train_set), self.batch_size, _train_seed(), self.num_workers,
                                            drop_last=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
@@ -206,6 +215,7 @@ class CIFARDataModule(_ImageDataModule):
         self.num_classes = num_classes
         self.train_set: Dataset | None = None
 
+    @override
     def check_data_dir(self) -> None:
         """Raise ``FileNotFoundError`` naming the directory and the expected layout if data is missing."""
         folder = self.data_dir / self._FOLDERS[self.num_classes]
@@ -216,11 +226,13 @@ class CIFARDataModule(_ImageDataModule):
                 f"cifar-{self.num_classes}-python.tar.gz into data_dir."
             )
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         self.check_data_dir()
         if self.train_set is not None:
             return
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
 
         mean, std = CIFAR_STATS[self.num_classes]
         norm = [T.ToTensor(), T.Normalize(mean, std)]
@@ -259,6 +271,7 @@ class ImageFolderDataModule(_ImageDataModule):
         self.check_data_dir()
         return sum(1 for p in (self.data_dir / "train").iterdir() if p.is_dir())
 
+    @override
     def check_data_dir(self) -> None:
         """Raise ``FileNotFoundError`` naming the directory and the expected layout if data is missing."""
         missing = [str(self.data_dir / s) for s in ("train", "val") if not (self.data_dir / s).is_dir()]
@@ -268,11 +281,13 @@ class ImageFolderDataModule(_ImageDataModule):
                 "Expected <data_dir>/train/<class>/<image> and <data_dir>/val/<class>/<image>."
             )
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         self.check_data_dir()
         if self.train_set is not None:
             return
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
 
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train_tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), *norm])
@@ -307,11 +322,14 @@ class FakeDataModule(ResumableDataModule):
         y = torch.randint(0, self.num_classes, (self.num_samples,), generator=g)
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self.resumable_train_loader(IndexOnly(self._loader(0, shuffle=False).dataset), self.batch_size, _train_seed())
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(1, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(2, shuffle=False)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pytorch_lightning.loggers import WandbLogger as _PLWandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+from typing_extensions import override
 
 __all__ = ["WandbLogger", "resolve_wandb_mode"]
 
@@ -43,6 +44,7 @@ class WandbLogger(_PLWandbLogger):
             self._wandb_init.pop("anonymous", None)
 
     @property
+    @override
     def experiment(self) -> Any:
         """The W&B run; its ``save_dir`` is created first (on rank zero, when the run starts, not before)."""
         if self._experiment is None and self._save_dir and rank_zero_only.rank == 0:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 __all__ = ["ImageClassifier", "create_backbone", "warmup_cosine"]
 
@@ -167,15 +168,18 @@ class ImageClassifier(pl.LightningModule):
             self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the channel counts, so a slimmed model's checkpoint says which shapes its weights have."""
         from lightning_sparse.slim import CHANNEL_CONFIG_KEY, channel_config
 
         checkpoint[CHANNEL_CONFIG_KEY] = channel_config(self)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild a slimmed checkpoint's channel counts before its weights load.
 
@@ -187,6 +191,7 @@ class ImageClassifier(pl.LightningModule):
 
         restore_channel_config(self, checkpoint, lambda: torch.randn(1, self.hparams.in_chans, 64, 64))
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Logits of a batch of images, or of the images of an ``(images, labels)`` batch."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -195,6 +200,7 @@ class ImageClassifier(pl.LightningModule):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
@@ -217,9 +223,11 @@ class ImageClassifier(pl.LightningModule):
             acc5(logits, y)
             self.log(f"{stage}/acc5", acc5)
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
@@ -233,6 +241,7 @@ class ImageClassifier(pl.LightningModule):
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = self._param_groups()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 __all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "find_last_checkpoint", "checkpoint_is_readable"]
 
@@ -39,6 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``os.replace``. Lightning's own save goes through a temp file in ``$TMPDIR`` and ``shutil.move``,
     which copies (not atomically) when the run directory is on another file system, as on clusters."""
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote file systems keep fsspec's transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -140,9 +142,11 @@ class PreemptionCheckpoint(Callback):
         return Path(trainer.default_root_dir) / "checkpoints"
 
     # -- step bookkeeping ----------------------------------------------------------------------------
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._in_step = True
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._in_step = False
@@ -151,6 +155,7 @@ class PreemptionCheckpoint(Callback):
             self._run_deferred(trainer)
 
     # -- exceptions ----------------------------------------------------------------------------------
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
         if trainer.state.fn != TrainerFn.FITTING or self._steps_here == 0 or trainer.fast_dev_run:
@@ -168,6 +173,7 @@ class PreemptionCheckpoint(Callback):
         rank_zero_info(f"{cause} at step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
 
     # -- deferred signals ----------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name in self.defer_signals:
             signum = getattr(signal, name)
@@ -197,5 +203,6 @@ class PreemptionCheckpoint(Callback):
             signal.signal(signum, handler)
         self._deferred.clear()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()

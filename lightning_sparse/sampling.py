@@ -30,6 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
 
 __all__ = ["EpochSampler", "ResumableDataLoader", "ResumableDataModule", "SeededItems", "IndexOnly"]
 
@@ -45,7 +46,7 @@ class EpochSampler(DistributedSampler):
         rank: this process's global rank.
     """
 
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:  # noqa: D107
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         if n < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"EpochSampler needs n >= 1 and 0 <= rank < num_replicas, got n={n}, "
                              f"rank={rank}, num_replicas={num_replicas}.")
@@ -56,6 +57,7 @@ class EpochSampler(DistributedSampler):
         self.total_size = self.num_samples * num_replicas
         self._resume: tuple[int, int] | None = None  # (epoch, first position) for the next __iter__
 
+    @override
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -191,12 +193,15 @@ class ResumableDataModule(pl.LightningDataModule):
     _train_loader: ResumableDataLoader | None = None
     _pending_train_state: dict[str, int] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_train_state = state_dict.get("train_loader")
 
+    @override
     def predict_dataloader(self) -> Any:
         """``predict`` runs over the test split (``train.py predict`` returns its logits)."""
         return self.test_dataloader()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import TinyNet
+
 from helpers.training import fixed_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TinyNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase
 from lightning_sparse.sparsity.channels import channel_floor, channel_scores, channel_sparsity_schedule
@@ -62,8 +62,8 @@ class After(pl.Callback):
         for layer, n in active.items():
             assert n >= channel_floor(c.start_channels[layer], c.channel_sparsity, c.minimum_ratio)
         # 3. removed channels are the lowest-UMM ones among layers not held by their floor
-        newly = {l: set(c.removed.get(l, [])) - (set(c.channels.original_channels(l)) - self.before.snap[l][1])
-                 for l in c.groups}
+        newly = {g: set(c.removed.get(g, [])) - (set(c.channels.original_channels(g)) - self.before.snap[g][1])
+                 for g in c.groups}
         removed_scores, kept_scores = [], []
         for layer, (scores, was_active) in self.before.snap.items():
             orig = c.channels.original_channels(layer)

@@ -14,9 +14,9 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TinyNet
 from pytorch_lightning.loggers import Logger
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase
 from lightning_sparse.sparsity.chase import strict_budget_update

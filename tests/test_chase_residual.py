@@ -6,9 +6,9 @@ import pytest
 import pytorch_lightning as pl
 import timm
 import torch
+from conftest import TinyResNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import TinyResNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase
 from lightning_sparse.slim import channel_candidates, slim_model, zero_channels
@@ -50,7 +50,7 @@ class Snapshot(pl.Callback):
             return
         params, masks = dict(pl_module.named_parameters()), self.chase.engine.enforced()
         scores = {}
-        for key, g in self.chase.groups.items():
+        for key in self.chase.groups:
             producers = STREAMS.get(key, {key})
             ws = [params[f"{p}.weight"] for p in sorted(producers)]
             scores[key] = pooled_umm(ws, [masks.get(f"{p}.weight") for p in sorted(producers)])
@@ -218,5 +218,6 @@ def test_resnet18_stream_with_the_dense_stem(tmp_path):
     assert set(stem.producers) == {"model.conv1", "model.layer1.0.conv2", "model.layer1.1.conv2"}
     assert "model.conv1.weight" not in chase.masks  # dense first layer, still a producer of the stream
     m = model.model
-    assert m.conv1.out_channels == m.layer1[0].conv2.out_channels == m.layer1[1].conv2.out_channels == m.layer2[0].conv1.in_channels
+    assert (m.conv1.out_channels == m.layer1[0].conv2.out_channels == m.layer1[1].conv2.out_channels
+            == m.layer2[0].conv1.in_channels)
     assert sum(c.out_channels for c in (m.conv1, m.layer2[0].conv2, m.layer3[0].conv2, m.layer4[0].conv2)) < 64 + 128 + 256 + 512

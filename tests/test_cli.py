@@ -110,7 +110,8 @@ def test_ckpt_path_best_and_evaluation_write_into_the_run(tmp_path, monkeypatch,
     capfd.readouterr()
     cli = main(["test", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST[3:4], *FAST[5:], "--ckpt_path=best"])
     assert Path(cli.trainer.ckpt_path).resolve() == Path(best_state["best_model_path"]).resolve()
-    assert (version / "test/version_0/metrics.csv").is_file() and "test/acc" in (version / "test/version_0/metrics.csv").read_text()
+    assert ((version / "test/version_0/metrics.csv").is_file()
+            and "test/acc" in (version / "test/version_0/metrics.csv").read_text())
     assert list(version.glob("test/version_0/wandb/offline-run-*"))
     assert not (tmp_path / "runs/quickstart/version_1").exists()
     assert {n: (version / n).read_bytes() for n in fit_files} == fit_files

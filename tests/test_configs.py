@@ -10,10 +10,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers.training import trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.training import trainer
 from lightning_sparse.cli import main
 from lightning_sparse.models import ImageClassifier
 from lightning_sparse.sparsity.distributions import erk_densities

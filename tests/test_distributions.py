@@ -1,7 +1,8 @@
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_sparse.sparsity.distributions import erk_densities, layer_counts, layer_densities, uniform_densities
 

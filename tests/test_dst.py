@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TinyNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, optimizer_state, trainer
 from lightning_sparse.callbacks import DynamicSparsity
 from lightning_sparse.sparsity.dst import cosine_drop_fraction, drop_grow, global_grow, global_magnitude_prune, topk_indices

@@ -51,9 +51,11 @@ def test_replace_masks_takes_effect() -> None:
 
 
 @pytest.mark.parametrize(("masks", "match"), [
-    ({"bias": torch.ones(3, dtype=torch.bool)}, r"replace_masks: no bound target mask for \['bias'\]; the engine holds masks for \['weight'\]"),
+    ({"bias": torch.ones(3, dtype=torch.bool)},
+     r"replace_masks: no bound target mask for \['bias'\]; the engine holds masks for \['weight'\]"),
     ({"weight": torch.ones(3, 4, dtype=torch.uint8)}, r"the mask of 'weight' is torch.uint8; masks must be torch.bool"),
-    ({"weight": torch.ones(4, 3, dtype=torch.bool)}, r"replace_masks: the mask of 'weight' has shape \(4, 3\), its parameter \(3, 4\)"),
+    ({"weight": torch.ones(4, 3, dtype=torch.bool)},
+     r"replace_masks: the mask of 'weight' has shape \(4, 3\), its parameter \(3, 4\)"),
 ])
 def test_replace_masks_refuses_bad_masks(masks: dict, match: str) -> None:
     eng = _engine(nn.Linear(4, 3))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+
 from helpers.training import fixed_loader
 from helpers.training import trainer as make_trainer
-
 from lightning_sparse.callbacks import Chase, DynamicSparsity, NMSparsity, SADTracker
 
 

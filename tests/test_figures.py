@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from helpers.training import fixed_loader, trainer
 from pytorch_lightning.loggers import CSVLogger
 
+from helpers.training import fixed_loader, trainer
 from lightning_sparse import plots
 from lightning_sparse.callbacks import Chase, DynamicSparsity, NMSparsity, SADTracker
 from lightning_sparse.sparsity.targets import candidate_weights

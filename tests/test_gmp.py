@@ -7,10 +7,10 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TinyNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, optimizer_state, trainer
 from lightning_sparse.callbacks import GradualMagnitudePruning
 from lightning_sparse.sparsity.distributions import layer_densities
@@ -185,7 +185,7 @@ def test_ddp_two_processes_keep_identical_masks(tmp_path):
 
 
 def test_compare_and_sad_name_the_methods(tmp_path):
-    from lightning_sparse.callbacks import OneShotPruning, SADTracker
+    from lightning_sparse.callbacks import SADTracker
     from lightning_sparse.compare.runs import describe_method
 
     def cfg(cls, **args):

@@ -10,8 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_sparse.callbacks import Chase, DynamicSparsity, MaskProvider, MaskSource, MaskSourceInfo, NMSparsity
-from lightning_sparse.callbacks import SADTracker
+from lightning_sparse.callbacks import Chase, DynamicSparsity, MaskProvider, MaskSource, MaskSourceInfo, NMSparsity, SADTracker
 from lightning_sparse.callbacks._sad_context import describe_source, layer_kinds, schedule_marks
 from tests.helpers.training import fixed_loader, trainer
 

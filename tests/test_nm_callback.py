@@ -7,10 +7,10 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from helpers.training import trainer as make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from helpers.training import trainer as make_trainer
 from lightning_sparse.callbacks import NMSparsity
 from lightning_sparse.callbacks._base import MaskSource
 from lightning_sparse.models import ImageClassifier
@@ -236,7 +236,8 @@ def test_bad_mode():
 
 
 def test_bad_decay():
-    with pytest.raises(ValueError, match=r"`decay` \(λ_W, a float or a Callable\[\[int\], float\]\) must be >= 0, got decay=-1.0"):
+    with pytest.raises(ValueError,
+                       match=r"`decay` \(λ_W, a float or a Callable\[\[int\], float\]\) must be >= 0, got decay=-1.0"):
         NMSparsity(decay=-1.0)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-
 import pytest
 import pytorch_lightning as pl
 import timm

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TinyNet
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from conftest import TinyNet
 from helpers.training import assert_equal_nested
 from helpers.training import trainer as make_trainer
 from lightning_sparse.callbacks import DynamicSparsity, SADTracker

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+
 from helpers.sad import FakeMaskSource, digits_loader, topk_masks
 from helpers.training import fixed_loader
 from helpers.training import trainer as make_trainer
-
 from lightning_sparse.callbacks import SADTracker
 from lightning_sparse.sparsity.sad import sad
 
@@ -59,7 +59,8 @@ def test_interval_counts_optimizer_steps_with_accumulation(
     tiny_net: pl.LightningModule, digits_small: Any, tmp_path: Path
 ) -> None:
     tracker = SADTracker(interval=1, mask_fn=topk_masks)
-    make_trainer(tmp_path, callbacks=[tracker], max_epochs=1, accumulate_grad_batches=2).fit(tiny_net, digits_loader(digits_small))
+    make_trainer(tmp_path, callbacks=[tracker], max_epochs=1, accumulate_grad_batches=2).fit(
+        tiny_net, digits_loader(digits_small))
     assert tracker.history["step"] == [0, 1]  # 4 batches, 2 optimizer steps, one measurement each
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.sad import FakeMaskSource, digits_loader, topk_masks
-from helpers.training import trainer as make_trainer
 from pytorch_lightning.loggers import CSVLogger
 
+from helpers.sad import FakeMaskSource, digits_loader, topk_masks
+from helpers.training import trainer as make_trainer
 from lightning_sparse.callbacks import SADTracker
 from lightning_sparse.sparsity.sad import packed_nbytes
 

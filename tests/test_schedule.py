@@ -7,9 +7,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import TinyNet
 from torch import nn
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import DynamicSparsity
 from lightning_sparse.callbacks._schedule import steps_per_epoch, total_steps

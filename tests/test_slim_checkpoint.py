@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TinyNet
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, out_channels, trainer
 from lightning_sparse.callbacks import Chase
 from lightning_sparse.callbacks._slim_restore import restore_before_weights_load

@@ -16,10 +16,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import TinyNet
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from conftest import TinyNet
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase, DynamicSparsity
 

@@ -26,8 +26,15 @@ from lightning_sparse.callbacks._iteration import AfterStep, check_update_iterat
 from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
 from lightning_sparse.callbacks._slim_restore import restore_before_weights_load
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops, slim_model
-from lightning_sparse.sparsity.chase import ChannelBook, ChaseSchedule, cap_budget, check_chase_args
-from lightning_sparse.sparsity.chase import plan_channel_removal, scheduled_update, total_weights_of_old_state
+from lightning_sparse.sparsity.chase import (
+    ChannelBook,
+    ChaseSchedule,
+    cap_budget,
+    check_chase_args,
+    plan_channel_removal,
+    scheduled_update,
+    total_weights_of_old_state,
+)
 from lightning_sparse.sparsity.dst import initial_masks
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.targets import select_targets
@@ -38,37 +45,14 @@ __all__ = ["Chase"]
 class Chase(pl.Callback):
     """Chase: unstructured DST that learns channel sparsity, then slims the network physically.
 
-    Unstructured part (CHASE.md §1), after every ``update_interval``-th optimizer step, with the gradient of
-    that batch (reference ``Masking.step``: ``optimizer.step()``, then ``truncate_weights``); N = sparse-layer
-    weights at init, B = D·N. Phase 1 (**soft memory bound**, until ``stop_dst_epochs`` before the end): prune
-    the weights beyond B by magnitude, grow by |gradient| to r_t·N, r_t = D + 0.005 + (p0 − 0.005)/2·(1 +
-    cos(π t/T1)) stepped every step (p0 = ``drop_fraction``, T1 = phase-1 steps); ``phase1="layerwise"``
-    (ImageNet reference) prunes every layer by the same fraction and grows each in proportion to its active
-    count, ``"global"`` (CIFAR reference) uses one threshold over all layers. Phase 2 (**strict budget**):
-    per layer drop ceil(p_t·n) of the active weights by magnitude, regrow to the redistributed ERK count;
-    p_t = e + (s − e)/2·(1 + cos(π t/T)) over the WHOLE training ((s, e) = ``phase2_drop_fraction``): ~0.05
-    at phase 2. A weight pruned and regrown in the same update restarts at 0 with zeroed optimizer state.
-
-    Channel part (CHASE.md §2): every ``channel_interval_epochs`` epochs (offset by ΔT/2, as the reference
-    removes channels halfway between two DST updates) until ``stop_gmp_epochs`` the
-    candidate channels with the lowest score (UMM: Σ|w ⊙ m| / filter size; or ``maskwise``) over all
-    candidate layers are removed towards the cubic target s_t = S_c·(1 − (1 − t/T)^3), each layer keeping
-    at least floor(C_l·(1 − S_c)·β) channels. A removed channel's filter, the consumer's input slice and
-    its BN scale/shift are zeroed and never grow again; ERK is re-solved over the remaining shapes with
-    the same B (only the targets: the next DST update moves each layer towards them). Schedule and update
-    rules: :mod:`lightning_sparse.sparsity.chase`. Candidates come from Torch-Pruning's dependency graph
-    (:func:`~lightning_sparse.slim.channel_candidates`): convs whose output channels feed no residual sum.
-
-    ``residual_channels=True`` ("Chase (prune skip)"; its reference code is not public, this is our
-    definition): each residual stream is one more candidate, the coupled group of Torch-Pruning's graph
-    (every conv/BN writing into the sums, the downsample branch, the stem where it feeds the stream, every
-    consumer's input slice). Its UMM pools all producer filters, Σ|w ⊙ m| / Σ numel (a dense stem counts
-    fully); it is ranked with the other candidates, keeps the same floor, and takes part when one producer is sparse.
-
-    Slimming (``slim``): ``"during"`` deletes removed channels physically right after each removal
-    (optimizer state and masks are sliced the same way; single-device only — under DDP it falls back to
-    ``"end"``), ``"end"`` at the end of fit, ``"never"`` keeps them as zeros. The slim channel
-    configuration is stored in the checkpoint and re-applied before the weights load.
+    The unstructured part (CHASE.md §1) updates the masks after every ``update_interval``-th optimizer step
+    with that batch's gradient: phase 1 (soft memory bound, ``phase1`` layerwise or global) until
+    ``stop_dst_epochs`` before the end, then phase 2 (strict per-layer budget). The channel part (CHASE.md §2)
+    removes the candidate channels with the lowest UMM on a cubic schedule to ``channel_sparsity`` until
+    ``stop_gmp_epochs``, re-solves ERK over the remaining shapes, and ``slim`` deletes them physically
+    (``"during"``, ``"end"`` or ``"never"``). ``residual_channels=True`` also removes channels of the residual
+    streams ("prune skip"). Every rule, with its reference and fidelity rows, is on the Chase page of the
+    documentation (``docs/callbacks/chase.md``).
 
     Args:
         density: D, kept fraction of the sparse layers' weights (paper: 0.1, 0.2).

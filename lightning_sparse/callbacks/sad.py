@@ -16,16 +16,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskProvider, check_strategy, log_metrics
+from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label, schedule_marks
 from lightning_sparse.callbacks._schedule import fast_dev_run_step
-from lightning_sparse.callbacks._sad_context import EventWatcher, describe_method, layer_kinds, run_label
-from lightning_sparse.callbacks._sad_context import schedule_marks
 from lightning_sparse.checks import check_range
 from lightning_sparse.sparsity.sad import pack_mask, packed_sad_tensor, popcount_tensor
 
 __all__ = ["SADTracker", "MaskFn"]
 
 MaskFn = Callable[[pl.LightningModule], Mapping[str, Tensor]]
-KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity", "GradualMagnitudePruning", "OneShotPruning")  # named in the error when none is found
+# named in the error when none is found
+KNOWN_SOURCES = ("DynamicSparsity", "Chase", "NMSparsity", "GradualMagnitudePruning", "OneShotPruning")
 
 
 def _empty_history() -> dict[str, Any]:
@@ -53,7 +53,8 @@ class SADTracker(pl.Callback):
     ``sad/global_vs_init_norm`` (vs the first), ``sad/cumulative``, ``sad/density`` and ``sad/<param>``.
     Masks come from ``mask_fn`` if given, else from every callback that implements
     :class:`~lightning_sparse.callbacks.MaskProvider` (merged with a logical AND); a
-    :class:`~lightning_sparse.callbacks.MaskSource` also names itself and marks its schedule in the figures. Reference masks are kept bit-packed; they and :attr:`history`
+    :class:`~lightning_sparse.callbacks.MaskSource` also names itself and marks its schedule in the figures.
+    Reference masks are kept bit-packed; they and :attr:`history`
     are in ``state_dict()``, so a resumed run continues its curves. Figures go to
     ``<trainer.log_dir>/figures/`` and to W&B on rank zero. The user guide (what is logged, mask-shape
     changes, the figures) is the SADTracker page of the documentation (``docs/callbacks/sad-tracker.md``).

@@ -177,6 +177,7 @@ class SparseCLI(LightningCLI):
     best_checkpoint = staticmethod(best_checkpoint)
     last_checkpoint_patterns = staticmethod(last_checkpoint_patterns)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Run directory name under runs/.")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -204,6 +205,7 @@ class SparseCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         return config.get(key)
 
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Adds the defaults described in the module docstring to what the config asks for."""
         cfg = self._section("trainer") or {}
@@ -272,7 +274,8 @@ def default_loggers(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | No
 
 def default_loggers_with_records(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | None = None,
                                  stage: str | None = None) -> list[tuple[Logger, dict[str, Any]]]:
-    """``(logger, its init arguments)`` of the CSV + W&B (offline by default) loggers of one run version: ``<save_dir>/<run_name>/version_N`` holds
+    """``(logger, its init arguments)`` of the CSV + W&B (offline by default) loggers of one run version:
+    ``<save_dir>/<run_name>/version_N`` holds
     ``metrics.csv`` and the W&B run (``wandb/offline-run-*``, W&B run name ``<run_name>/version_N``).
 
     ``eval_dir``: validate/test/predict of a checkpoint of that run version write into

@@ -2,7 +2,8 @@
 belongs to, ends the run with ONE line that names the option path, the value and what is allowed
 (exit code 2, no traceback), e.g.::
 
-    train.py fit: error: trainer.callbacks[0].init_args.n=5 (lightning_sparse.callbacks.NMSparsity): `n` must be < `m` for N:M sparsity, got n=5, m=4.
+    train.py fit: error: trainer.callbacks[0].init_args.n=5 (lightning_sparse.callbacks.NMSparsity): `n` must be < `m` for N:M
+        sparsity, got n=5, m=4.
     train.py fit: error: model.init_args.lr=abc: expected float (lightning_sparse.models.ImageClassifier; ...)
 
 Four sources, each through what the libraries document:

@@ -127,7 +127,7 @@ def describe_type(hint: Any) -> str:
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that does not resolve: take the signature's as written
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: take the signature's as written
         return {n: p.annotation for n, p in inspect.signature(cls).parameters.items()}
 
 
@@ -202,7 +202,7 @@ def parse_error_line(parse: Parse, argv: list[str], message: str, subcommands: t
         return missing
     groups = [g for g in groups if not _skipped(g)]
     sub = lead[0] if lead else None
-    part = (lambda parsed: parsed[sub]) if sub else (lambda parsed: parsed)  # noqa: E731
+    part = (lambda parsed: parsed[sub]) if sub else (lambda parsed: parsed)
     found = _leave_one_out(parse, lead, groups, range(len(groups)))
     if found is not None and not _is_config(groups[found[0]]):
         key, value = _key_value(groups[found[0]])

@@ -18,6 +18,7 @@ from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
 
 __all__ = ["INPUT_ERRORS", "RefusedArguments", "SparseArgumentParser", "default_instantiator", "refused_in"]
 
@@ -81,6 +82,7 @@ class SparseArgumentParser(LightningArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    @override
     def add_instantiator(self, instantiator: Callable[..., Any], class_type: type, subclasses: bool = True,
                          prepend: bool = False) -> None:
         """Register ``instantiator`` wrapped by :func:`locating`; the catch-all for ``object`` stays last."""

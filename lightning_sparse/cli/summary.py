@@ -82,7 +82,7 @@ def _wandb_dirs(trainer: pl.Trainer) -> list[Path]:
 
     out = []
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # noqa: SLF001 (no public accessor)
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
             run_dir = getattr(logger.experiment, "dir", None)  # <save_dir>/wandb/offline-run-*/files
             if run_dir and getattr(logger.experiment.settings, "mode", "") == "offline":
                 out.append(Path(run_dir).parent)

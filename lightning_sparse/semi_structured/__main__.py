@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_inputs(parser, args)
     models = build_models(args)
     any_eligible = False
-    for model, _, what, layers in models:
+    for model, _, what, _layers in models:
         any_eligible |= print_eligibility(model, what, args.dtype, args.backend, not args.no_layers) > 0
     reason = skip_reason(None, args.dtype[0], args.backend, args.device)
     if reason is not None:

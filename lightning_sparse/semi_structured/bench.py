@@ -128,7 +128,8 @@ def benchmark_semi_structured(
         for name, xi in layer_inputs.items():
             dm, sm = dmods[name], smods[name]
             layer_runner = "cuda-graph" if runner == "cuda-graph" else "eager"
-            pair = [_runnable(lambda: dm(xi), layer_runner, device), _runnable(lambda: sm(xi), layer_runner, device)]
+            pair = [_runnable(lambda dm=dm, xi=xi: dm(xi), layer_runner, device),
+                    _runnable(lambda sm=sm, xi=xi: sm(xi), layer_runner, device)]
             d_t, s_t = interleaved_times(pair, warmup, runs, device)
             timings.append(LayerTiming(name, tuple(dm.weight.shape), tuple(xi.shape), d_t.event_ms, s_t.event_ms,
                                        d_t.host_ms, s_t.host_ms, layer_errors[name]))

@@ -174,7 +174,8 @@ def backend_capability_reason(backend: Backend, capability: tuple[int, int], dev
 
     Example:
         >>> backend_capability_reason("cutlass", (9, 0), "H100")
-        "H100 has compute capability 9.0; torch's CUTLASS 2:4 kernels run only on 8.x (A100, RTX 30xx/40xx); use backend='cusparselt'"
+        "H100 has compute capability 9.0; torch's CUTLASS 2:4 kernels run only on 8.x (A100, RTX 30xx/40xx);
+        use backend='cusparselt'"
         >>> backend_capability_reason("cusparselt", (9, 0), "H100") is None
         True
     """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lightning_sparse.semi_structured.eligibility import LayerEligibility
@@ -131,7 +130,8 @@ def format_report(report: SemiStructuredReport) -> str:
         >>> r = SemiStructuredReport("float16", "cusparselt", 64, (3, 224, 224), "GPU", 50, 2.0, 1.6, 1e-3, 1e-2,
         ...                          ["fc"], [], [LayerTiming("fc", (64, 64), (64, 64), 0.02, 0.015)])
         >>> print(format_report(r).splitlines()[0])
-        2:4 semi-structured (float16, cusparselt, eager) on GPU, batch 64: dense masked 2.000 ms (32000 img/s), sparse 1.600 ms (40000 img/s), speed-up x1.250
+        2:4 semi-structured (float16, cusparselt, eager) on GPU, batch 64: dense masked 2.000 ms (32000 img/s),
+        sparse 1.600 ms (40000 img/s), speed-up x1.250
     """
     r = report
     lines = [

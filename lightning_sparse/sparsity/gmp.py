@@ -20,7 +20,8 @@ import torch
 
 from lightning_sparse.sparsity.distributions import layer_counts, layer_densities
 
-__all__ = ["SCOPES", "cubic_sparsity", "update_steps", "keep_largest", "layer_count_at", "prune_layers", "prune_global", "final_counts"]
+__all__ = ["SCOPES", "cubic_sparsity", "update_steps", "keep_largest", "layer_count_at", "prune_layers", "prune_global",
+           "final_counts"]
 
 SCOPES = ("global", "uniform", "erk")  # one global threshold, or per layer with uniform / ERK final densities
 

@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lightning_sparse.checks import check_choice
 from lightning_sparse.sparsity.targets import candidate_weights
@@ -206,6 +207,7 @@ class SRSTE(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(ctx, weight: torch.Tensor, n: int, m: int, decay: float, layout: Layout) -> torch.Tensor:
         masked = srste_masked(weight, n, m, layout)
         ctx.decay = float(decay)
@@ -214,6 +216,7 @@ class SRSTE(torch.autograd.Function):
         return masked
 
     @staticmethod
+    @override
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.decay:
             return grad, None, None, None, None

@@ -34,7 +34,7 @@ class FakeMaskSource(pl.Callback):
                 self.masks[name] = torch.rand(p.shape, generator=self.gen) < self.density
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        for name, m in self.masks.items():
+        for m in self.masks.values():
             flat = m.view(-1)
             on, off = flat.nonzero().flatten(), (~flat).nonzero().flatten()
             drop = on[torch.randperm(len(on), generator=self.gen)[: self.swap]]

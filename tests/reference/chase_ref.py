@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -59,28 +59,28 @@ class ChaseRef(ChannelRemovalRef):
     strict_errors: raise where the reference would crash (topk(k=0)[-1]) instead of a no-op.
     """
 
-    weights: Dict[str, Tensor]
-    masks: Dict[str, Tensor]
-    grads: Dict[str, Tensor] = field(default_factory=dict)
-    momentum: Dict[str, Tensor] = field(default_factory=dict)
-    biases: Dict[str, Tensor] = field(default_factory=dict)  # bias of an active layer (name = weight name)
-    pairs: Dict[str, str] = field(default_factory=dict)
-    alive: Dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    momentum: dict[str, Tensor] = field(default_factory=dict)
+    biases: dict[str, Tensor] = field(default_factory=dict)  # bias of an active layer (name = weight name)
+    pairs: dict[str, str] = field(default_factory=dict)
+    alive: dict[str, Tensor] = field(default_factory=dict)
     prune_mode: str = "magnitude"
     growth_mode: str = "gradients"
     baseline_nonzero: float = 0.0
     total_params: int = 0
-    density_dict: Dict[str, float] = field(default_factory=dict)
-    temp_mask: Dict[str, Tensor] = field(default_factory=dict)
+    density_dict: dict[str, float] = field(default_factory=dict)
+    temp_mask: dict[str, Tensor] = field(default_factory=dict)
     exact_count: bool = False
     strict_errors: bool = False
     # filled by gather_statistics
-    name2nonzeros: Dict[str, float] = field(default_factory=dict)
-    name2zeros: Dict[str, float] = field(default_factory=dict)
+    name2nonzeros: dict[str, float] = field(default_factory=dict)
+    name2zeros: dict[str, float] = field(default_factory=dict)
     total_nonzero: float = 0
     total_zero: float = 0.0
-    pruning_rate: Dict[str, int] = field(default_factory=dict)
-    filter_masks: Dict[str, Tensor] = field(default_factory=dict)
+    pruning_rate: dict[str, int] = field(default_factory=dict)
+    filter_masks: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.masks = {k: v.float().clone() for k, v in self.masks.items()}
@@ -90,8 +90,8 @@ class ChaseRef(ChannelRemovalRef):
 
     # -- construction helpers -------------------------------------------------------------
     @classmethod
-    def from_erk(cls, weights: Dict[str, Tensor], masks: Dict[str, Tensor], density: float,
-                 **kw: object) -> "ChaseRef":
+    def from_erk(cls, weights: dict[str, Tensor], masks: dict[str, Tensor], density: float,
+                 **kw: object) -> ChaseRef:
         """Masking.init('ERK') bookkeeping for GIVEN masks: total_params = sum numel, density_dict from
         chase_erk_densities, baseline_nonzero = sum density*numel (a float), temp_mask = masks.
         (The reference draws masks as rand < density; pass masks drawn however you like.)"""
@@ -103,14 +103,14 @@ class ChaseRef(ChannelRemovalRef):
         return ref
 
     @property
-    def passive_alive(self) -> Dict[str, Tensor]:
+    def passive_alive(self) -> dict[str, Tensor]:
         """passive_names: passive -> the alive vector of its active layer (same tensor in the reference)."""
         return {p: self.alive[a] for a, p in self.pairs.items()}
 
     # -- masks ----------------------------------------------------------------------------
     def update_filter_mask(self) -> None:
         """Masking.update_filter_mask (+ the identical block of add_module): active rows AND passive columns."""
-        fm: Dict[str, Tensor] = {}
+        fm: dict[str, Tensor] = {}
         for a in self.pairs:
             t = torch.ones_like(self.weights[a], dtype=torch.float32)
             t[~self.alive[a].bool()] = 0
@@ -191,7 +191,7 @@ class ChaseRef(ChannelRemovalRef):
         names = list(self.masks)
         if self.exact_count:
             n = int(tokill)
-            scores, owners = [], []
+            scores = []
             for name in names:
                 act = self._region(name, self.masks[name]).bool()
                 s = self._region(name, self.weights[name].abs())
@@ -373,7 +373,7 @@ class ChaseRef(ChannelRemovalRef):
         self.apply_mask()
 
     def after_optimizer_step(self, ev: StepEvents, baseline_filter_num: float = 0.0,
-                             minimum_layer: Optional[Mapping[str, int]] = None, score: str = "mag_wise") -> None:
+                             minimum_layer: Mapping[str, int] | None = None, score: str = "mag_wise") -> None:
         """The part of Masking.step after optimizer.step(), driven by ``step_events``: apply_mask;
         [del_layer(ev.layer_rate); update_erk_dic if growth is not global]; then the mask update
         ('mest': truncate_weights_prune + truncate_weights_grow(r_t); else truncate_weights(rate)).

@@ -3,7 +3,7 @@ Imagenet/core.py ``prune_score``, ``del_layer``, ``del_func``)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class ChannelRemovalRef:
             return (w_filter != 0).sum().int().item() / w_filter.numel()
         raise ValueError(score)
 
-    def filter_scores(self, name: str, score: str = "mag_wise") -> List[float]:
+    def filter_scores(self, name: str, score: str = "mag_wise") -> list[float]:
         """Per-filter score of the ALIVE filters of active layer ``name`` (prune_score's inner loop)."""
         sel = self.alive[name].bool()
         w, m = self.weights[name].abs()[sel], self.masks[name][sel]
@@ -35,13 +35,13 @@ class ChannelRemovalRef:
     def prune_score(self, layers: Sequence[str], total_to_prune: float, score: str = "mag_wise") -> float:
         """Masking.prune_score: np.sort(scores)[-int(len - total_to_prune)] (literal numpy indexing:
         int() truncates; when it is 0 the index is 0 -> the MIN score -> nothing is strictly below)."""
-        all_scores: List[float] = []
+        all_scores: list[float] = []
         for name in layers:
             all_scores.extend(self.filter_scores(name, score))
         return float(np.sort(np.array(all_scores))[-int(len(all_scores) - total_to_prune)])
 
     def del_layer(self, layer_rate: float, baseline_filter_num: float, minimum_layer: Mapping[str, int],
-                  score: str = "mag_wise", max_rounds: int = 1000) -> Dict[str, List[int]]:
+                  score: str = "mag_wise", max_rounds: int = 1000) -> dict[str, list[int]]:
         """Masking.del_layer: keep baseline_filter_num*(1-layer_rate) filters over all active layers.
 
         Each round: acceptable = prune_score(non-floored layers, to_prune - already pruned); per
@@ -55,10 +55,10 @@ class ChannelRemovalRef:
         rate = 1 - layer_rate
         filter_numer = sum(v.sum().item() for v in self.alive.values())
         total_to_prune = filter_numer - baseline_filter_num * rate
-        layer_prune: Dict[str, List[int]] = {}
+        layer_prune: dict[str, list[int]] = {}
         if total_to_prune < 0:
             return layer_prune
-        residual_layer: Dict[str, float] = {}
+        residual_layer: dict[str, float] = {}
         residual = 9999.0
         rounds = 0
         while residual > 0:
@@ -73,8 +73,8 @@ class ChannelRemovalRef:
             for a in self.pairs:
                 if a in residual_layer:
                     continue
-                del_ind: List[int] = []
-                mags: List[float] = []
+                del_ind: list[int] = []
+                mags: list[float] = []
                 w, m = self.weights[a].abs(), self.masks[a]
                 for fi in range(w.shape[0]):
                     if self.alive[a][fi].item() == 1.0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,14 +55,14 @@ def minimum_layer(out_channels: int, start_layer_rate: float, minumum_ratio: flo
 
 # ----------------------------------------------------------------------------- ERK
 def chase_erk_densities(shapes: Mapping[str, Sequence[int]], density: float,
-                        erk_power_scale: float = 1.0) -> Dict[str, float]:
+                        erk_power_scale: float = 1.0) -> dict[str, float]:
     """ERK loop of Masking.init('ERK') / update_erk_dic: n_ones = N*density (NOT floored, unlike RigL),
     raw = (sum(shape)/prod(shape))**power, every layer tied at the max raw prob made dense (1.0)."""
     dense: set = set()
     while True:
         divisor = 0.0
         rhs = 0.0
-        raw: Dict[str, float] = {}
+        raw: dict[str, float] = {}
         for name, shp in shapes.items():
             n_param = float(np.prod(shp))
             if name in dense:
@@ -93,12 +93,12 @@ class StepEvents:
     layer_rate: float  # gradual_pruning_rate(steps_before, ...)
     channel_removal: bool  # del_layer() runs
     update_erk: bool  # update_erk_dic() runs after del_layer
-    mask_update: Optional[str]  # None | 'mest' (prune+grow, phase 1) | 'mest_dst' / 'dst' (truncate_weights)
-    mask_update_rate: Optional[float]
+    mask_update: str | None  # None | 'mest' (prune+grow, phase 1) | 'mest_dst' / 'dst' (truncate_weights)
+    mask_update_rate: float | None
 
 
 def step_events(steps_before: int, *, steps_per_epoch: int, total_epochs: int, stop_dst_epochs: int,
-                stop_gmp_epochs: float, update_frequency: Optional[int], layer_interval_epochs: float,
+                stop_gmp_epochs: float, update_frequency: int | None, layer_interval_epochs: float,
                 start_layer_rate: float, prune_rate: float, density: float, filter_dst: bool = True,
                 mest: bool = True, mest_dst: bool = True, dst: bool = False, growth: str = "gradients",
                 init_step: int = 0) -> StepEvents:
@@ -128,8 +128,8 @@ def step_events(steps_before: int, *, steps_per_epoch: int, total_epochs: int, s
         if steps >= 0.0 and steps < final_prune_time:
             if (steps + (k / 2)) % layer_interval == 0:
                 removal = True
-    mu: Optional[str] = None
-    rate: Optional[float] = None
+    mu: str | None = None
+    rate: float | None = None
     if mest:
         if steps < L * (total_epochs - stop_dst_epochs):
             if k is not None and steps % k == 0:

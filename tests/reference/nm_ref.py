@@ -8,7 +8,7 @@ Source: aojunzz/NM-sparsity @ a557d6b2356a0138a7df67791bd66ba8d59f69df
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

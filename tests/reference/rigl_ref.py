@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ __all__ = [
     "get_n_zeros",
 ]
 
-State = Mapping[str, Union[Tensor, Mapping[str, Tensor]]]
+State = Mapping[str, Tensor | Mapping[str, Tensor]]
 
 
 def _tf_top_k_order(score: Tensor) -> Tensor:
@@ -42,11 +42,11 @@ def rigl_update_layer(
     mask: Tensor,
     score_grow: Tensor,
     drop_fraction: float,
-    state: Optional[Mapping[str, Tensor]] = None,
-    drop_noise: Optional[Tensor] = None,
+    state: Mapping[str, Tensor] | None = None,
+    drop_noise: Tensor | None = None,
     reinit_when_same: bool = False,
-    new_state_value: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    new_state_value: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One layer of ``SparseSETOptimizerBase._get_update_op`` (+ ``generic_mask_update``'s drop score).
 
     score_drop = |mask * weight| (+ drop_noise, the reference adds N(0, 1e-5) noise; None = no noise).
@@ -86,7 +86,7 @@ def rigl_update_layer(
     else:
         new_conn = (mask2r == 1) & (mask_f == 0)
     new_weight = torch.where(new_conn, torch.zeros_like(weight), weight)  # grow_init='zeros'
-    new_state: Dict[str, Tensor] = {}
+    new_state: dict[str, Tensor] = {}
     for k, v in (state or {}).items():
         fill = torch.zeros_like(v) if new_state_value is None else new_state_value.to(v.dtype)
         new_state[k] = torch.where(new_conn, fill, v)
@@ -97,14 +97,14 @@ def rigl_update_layer(
 def rigl_update(
     weights: Mapping[str, Tensor],
     masks: Mapping[str, Tensor],
-    grads: Optional[Mapping[str, Tensor]],
+    grads: Mapping[str, Tensor] | None,
     drop_fraction: float,
     growth: str = "gradient",
-    rand: Optional[Mapping[str, Tensor]] = None,
-    opt_state: Optional[State] = None,
-    drop_noise: Optional[Mapping[str, Tensor]] = None,
+    rand: Mapping[str, Tensor] | None = None,
+    opt_state: State | None = None,
+    drop_noise: Mapping[str, Tensor] | None = None,
     initial_acc_scale: float = 0.0,
-) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, object]]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, object]]:
     """ONE mask update of all layers, as ``cond_mask_update_op``'s ``mask_update_op`` runs it.
 
     growth='gradient' (SparseRigLOptimizerBase.generic_mask_update): score_grow = |grads[name]|, where
@@ -117,9 +117,9 @@ def rigl_update(
     """
     if growth not in ("gradient", "random"):
         raise ValueError(growth)
-    new_masks: Dict[str, Tensor] = {}
-    new_weights: Dict[str, Tensor] = {}
-    new_state: Dict[str, object] = {}
+    new_masks: dict[str, Tensor] = {}
+    new_weights: dict[str, Tensor] = {}
+    new_state: dict[str, object] = {}
     for name, w in weights.items():
         m = masks[name]
         if growth == "gradient":
@@ -172,10 +172,10 @@ def rigl_drop_fraction(step: int, begin: int, end: int, alpha: float, anneal: st
         p = _extract_number(anneal)
         power = float(step - begin) / float(end - begin)
         return float(torch.tensor(alpha, dtype=torch.float32) * torch.tensor((1 - power) ** p, dtype=torch.float32))
-    raise ValueError("drop_fraction_anneal: %s is not valid" % anneal)
+    raise ValueError(f"drop_fraction_anneal: {anneal} is not valid")
 
 
-def is_update_iter(step: int, begin: int, end: int, frequency: int, last_update: Optional[int] = None) -> bool:
+def is_update_iter(step: int, begin: int, end: int, frequency: int, last_update: int | None = None) -> bool:
     """``SparseSETOptimizerBase.is_mask_update_iter``.
 
     begin <= step and (step <= end or end < 0) and last_update + frequency <= step, where
@@ -188,7 +188,7 @@ def is_update_iter(step: int, begin: int, end: int, frequency: int, last_update:
 
 
 def rigl_step_semantics(method: str, step: int, begin: int, end: int, frequency: int,
-                        last_update: Optional[int] = None) -> Dict[str, object]:
+                        last_update: int | None = None) -> dict[str, object]:
     """What one ``apply_gradients(global_step=gs)`` call does (SparseSET/SparseRigLOptimizerBase).
 
     RigL: the condition reads the pre-increment global step; on an update iteration ONLY the masks
@@ -220,8 +220,8 @@ def erk_sparsities(
     density: float,
     include_kernel: bool = True,
     erk_power_scale: float = 1.0,
-    sparsity: Optional[float] = None,
-) -> Dict[str, float]:
+    sparsity: float | None = None,
+) -> dict[str, float]:
     """``sparse_utils.get_sparsities_erdos_renyi`` (no custom map): per-layer SPARSITY as the reference returns it.
 
     default_sparsity = 1 - density unless ``sparsity`` is given (the reference's flag is a sparsity).
@@ -235,7 +235,7 @@ def erk_sparsities(
     while True:
         divisor = 0.0
         rhs = 0.0
-        raw: Dict[str, float] = {}
+        raw: dict[str, float] = {}
         for name, shp in shapes.items():
             n_param = int(math.prod(shp))
             n_zeros = get_n_zeros(n_param, s)
@@ -257,7 +257,7 @@ def erk_sparsities(
                     dense.add(name)
         else:
             break
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for name in shapes:
         out[name] = 0.0 if name in dense else 1.0 - eps * raw[name]
     return out
@@ -268,14 +268,14 @@ def erk_densities(
     density: float,
     include_kernel: bool = True,
     erk_power_scale: float = 1.0,
-    sparsity: Optional[float] = None,
-) -> Dict[str, float]:
+    sparsity: float | None = None,
+) -> dict[str, float]:
     """Densities of ``get_sparsities_erdos_renyi``: 1 - sparsity (1.0 for layers made dense), see erk_sparsities."""
     sp = erk_sparsities(shapes, density, include_kernel, erk_power_scale, sparsity)
     return {k: (1.0 if v == 0.0 else 1.0 - v) for k, v in sp.items()}
 
 
-def erk_mask_counts(shapes: Mapping[str, Sequence[int]], density: float, **kw: object) -> Dict[str, int]:
+def erk_mask_counts(shapes: Mapping[str, Sequence[int]], density: float, **kw: object) -> dict[str, int]:
     """Active count per layer of a mask made by ``get_mask_random_numpy`` with the ERK sparsities:
     n_ones = N - floor(layer_sparsity * N), layer_sparsity = 1 - eps * raw_prob (exactly as computed)."""
     sp = erk_sparsities(shapes, density, **kw)  # type: ignore[arg-type]

@@ -23,12 +23,12 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import TinyNet
+
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import Chase, DynamicSparsity
 from lightning_sparse.sparsity.chase import budget_targets
-from reference.chase_ref import ChaseRef, chase_erk_densities, gradual_pruning_rate, minimum_layer, step_events
+from reference.chase_ref import ChaseRef, chase_erk_densities, minimum_layer, step_events
 from reference.nm_ref import effective_decay, nm_mask_ref, srste_backward_ref
 from reference.rigl_ref import erk_densities, rigl_drop_fraction, rigl_update
 
@@ -362,9 +362,9 @@ def test_srste_iteration_equals_reference():
 
 def test_imagenet_srste_config_carries_the_reference_effective_decay():
     """The released run: 8 processes, λ_W = 2e-4 per rank, loss / world size, SUM all-reduce."""
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "imagenet_resnet50_srste_base.yaml").read_text())
     world = cfg["trainer"]["devices"] * cfg["trainer"].get("num_nodes", 1)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import TinyNet
+
 from helpers.training import fixed_loader, trainer
 from lightning_sparse.callbacks import GradualMagnitudePruning
 from reference.gmp_ref import polynomial_decay, should_prune_in_step, update_mask, update_steps

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from conftest import TinyNet, TinyResNet  # noqa: E402
+from conftest import TinyNet, TinyResNet
 
 
 def make_callback(method: str) -> pl.Callback:
@@ -72,7 +72,7 @@ class IterationCheck(pl.Callback):
         self.pre = self._snap(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        (w0, s0, m0), (w1, s1, m1) = self.pre, self._snap(trainer, pl_module)
+        (w0, _, m0), (w1, s1, m1) = self.pre, self._snap(trainer, pl_module)
         if m0.keys() != m1.keys() or any(m0[k].shape != m1[k].shape or not torch.equal(m0[k], m1[k]) for k in m1):
             if any(m0[k].shape != m1[k].shape for k in m1 if k in m0):
                 return  # a slimming changed the shapes: not a plain mask update
