@@ -19,6 +19,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_sparse.utils.inputs import example_inputs
+
 __all__ = ["ImageClassifier", "create_backbone", "warmup_cosine"]
 
 OptimizerName = Literal["sgd", "adamw"]
@@ -60,7 +62,7 @@ def create_backbone(
         from lightning_sparse.slim import restore_channel_config
 
         # a slimmed model (Chase checkpoint or slim export): rebuild its channel counts first
-        restore_channel_config(model, state, torch.randn(1, in_chans, 64, 64), prefix=prefix)
+        restore_channel_config(model, state, example_inputs((in_chans, 64, 64)), prefix=prefix)
         weights = {k[len(prefix):]: v for k, v in state.get("state_dict", state).items() if k.startswith(prefix)}
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -189,7 +191,7 @@ class ImageClassifier(pl.LightningModule):
         """
         from lightning_sparse.slim import restore_channel_config
 
-        restore_channel_config(self, checkpoint, lambda: torch.randn(1, self.hparams.in_chans, 64, 64))
+        restore_channel_config(self, checkpoint, lambda: example_inputs((self.hparams.in_chans, 64, 64)))
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

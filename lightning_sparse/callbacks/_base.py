@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from lightning_sparse.utils.inputs import example_inputs
+
 __all__ = ["MaskProvider", "MaskSource", "MaskSourceInfo", "log_metrics", "check_strategy", "example_input"]
 
 
@@ -114,4 +116,4 @@ def example_input(
             f"{owner} needs an example input to trace the model: set `input_shape=(C, H, W)`, or "
             "`example_input_array` on the LightningModule, or use a datamodule with `in_chans` and `image_size`."
         )
-    return torch.randn(1, *shape)
+    return example_inputs(shape)

@@ -23,7 +23,6 @@ Four sources, each through what the libraries document:
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Any
@@ -32,6 +31,7 @@ import pytorch_lightning as pl
 from typing_extensions import override
 
 from lightning_sparse.cli.parser import INPUT_ERRORS, RefusedArguments
+from lightning_sparse.run.resolve import resolve_class
 
 __all__ = ["BadValue", "LoopsStarted", "class_nodes", "debug", "fail", "hook_error_line", "instances_of",
            "mentioned_argument", "option_path_of", "refused_line", "trainer_error_line"]
@@ -73,10 +73,9 @@ class LoopsStarted(pl.Callback):
 
 
 def _resolve(class_path: Any) -> Any:
-    module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return resolve_class(class_path)
+    except ValueError:
         return None
 
 

@@ -12,7 +12,6 @@ jsonargparse's own message on one line.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import json
 import types
@@ -24,6 +23,8 @@ from typing import Any
 
 import yaml
 from jsonargparse import ArgumentError
+
+from lightning_sparse.run.resolve import resolve_class
 
 __all__ = ["describe_type", "option_groups", "parse_error_line"]
 
@@ -102,8 +103,7 @@ def _missing_config(groups: list[list[str]]) -> str | None:
 
 
 def _resolve(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return resolve_class(class_path)
 
 
 def _child(node: Any, key: str) -> Any:

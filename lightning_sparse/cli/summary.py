@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.sparsity.targets import candidate_weights
+from lightning_sparse.utils.inputs import example_inputs
 
 __all__ = ["weight_sparsity", "forward_flops", "summary_lines", "example_input", "silence_known_warnings"]
 
@@ -57,7 +58,7 @@ def example_input(model: nn.Module, datamodule: Any) -> torch.Tensor | None:
     chans = hparams.get("in_chans") if hasattr(hparams, "get") else None
     if not isinstance(size, int) or not isinstance(chans, int):
         return None
-    return torch.zeros(1, chans, size, size)
+    return example_inputs((chans, size, size), seed=0)  # own generator: the global RNG stays untouched
 
 
 def weight_sparsity(model: nn.Module) -> tuple[float, int, int]:

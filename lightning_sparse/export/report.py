@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_sparse.run import RunModel, measure_costs
 from lightning_sparse.slim import count_flops
+from lightning_sparse.utils.inputs import example_inputs
 from lightning_sparse.utils.timing import Timing
 
 __all__ = ["LOAD_SNIPPET", "model_costs", "timing_rows", "write_report"]
@@ -47,7 +47,7 @@ def model_costs(src: RunModel, dense: nn.Module) -> dict[str, Any]:
     dense_nonzero = sum(int(p.count_nonzero()) for p in dense.parameters())
     exported = {
         "params": stored, "params_nm": c["params"], "nonzero_params": c["nonzero_params"],
-        "flops": count_flops(src.model, torch.zeros(1, *shape)),
+        "flops": count_flops(src.model, example_inputs(shape, seed=0)),
         "flops_nm": c["flops"], "flops_nonzero": c["flops_nonzero"],
     }
     dense_row = {"params": c["dense_params"], "params_nm": c["dense_params"], "nonzero_params": dense_nonzero,

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_sparse.run.model import RunModel
 from lightning_sparse.slim import count_flops
+from lightning_sparse.utils.inputs import example_inputs
 
 __all__ = ["layer_flops", "measure_costs"]
 
@@ -42,7 +43,7 @@ def layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def measure_costs(run: RunModel, dense: nn.Module) -> dict[str, float]:
     """Params, nonzeros and FLOPs (batch 1) of ``run.model``, and of ``dense`` (the dense model of its architecture)."""
-    x = torch.zeros(1, *run.input_shape)
+    x = example_inputs(run.input_shape, seed=0)
     params = dict(run.model.named_parameters())
     total = sum(p.numel() for p in params.values())
     nonzero = sum(int(torch.count_nonzero(p)) for p in params.values())
