@@ -34,6 +34,13 @@ CASES = {
     "missing config file": (["--config", "configs/nope.yaml"], "train.py: error: --config=configs/nope.yaml: no such file"),
     "wrong type inside a config file": (["fit", "--config", "bad_lr.yaml"],
                                         "model.init_args.lr=abc: expected float"),
+    "wrong type of a callback in a config file's list": (["fit", *QUICK, "--config", "bad_callback.yaml"],
+                                                         "trainer.callbacks.init_args.interval=abc: expected int "
+                                                         "(lightning_sparse.callbacks.sad.SADTracker;"),
+    "wrong type of a callback added on the command line": (["fit", *QUICK,
+                                                            "--trainer.callbacks+=lightning_sparse.callbacks.SADTracker",
+                                                            "--trainer.callbacks.interval=abc"],
+                                                           "trainer.callbacks.init_args.interval=abc: expected int"),
     "callback constructor": (["fit", "--config", "configs/quickstart_nm24.yaml", "--sparsity.n=5"],
                              "train.py fit: error: sparsity.init_args.n=5 (lightning_sparse.callbacks.NMSparsity): "
                              "`n` must be < `m`"),
@@ -59,6 +66,9 @@ def _run(tmp_path, args):
     assert "lr: " in quick
     (tmp_path / "bad_lr.yaml").write_text("\n".join(
         "    lr: abc" if line.strip().startswith("lr:") else line for line in quick.splitlines()))
+    (tmp_path / "bad_callback.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_sparse.callbacks.SADTracker\n"
+        "      init_args:\n        interval: abc\n")
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     env.pop("JSONARGPARSE_DEBUG", None)
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,

@@ -89,6 +89,24 @@ def test_nm_keeps_the_nm_pattern_of_the_loaded_weights(dense_checkpoint, tmp_pat
     assert cb.density == 0.5
 
 
+def test_loaded_run_counts_one_shot_nm_as_nm(dense_checkpoint, tmp_path):
+    from lightning_sparse.run import NM, load_run_model
+
+    path, _ = dense_checkpoint
+    cb = OneShotPruning(pattern="nm", n=2, m=4)
+    model, check = _fit(path, cb, tmp_path, steps=1)
+    t = trainer(tmp_path, 1, [cb])
+    t.strategy.connect(model)
+    t.save_checkpoint(tmp_path / "nm.ckpt")
+    run = load_run_model(tmp_path / "nm.ckpt", image_size=32)
+    assert run.nm == {n.removeprefix("model."): NM(2, 4) for n in check.first}  # compare and export count N/M
+    payload = torch.load(tmp_path / "nm.ckpt", weights_only=False)
+    payload["state_dict"]["model.fc.weight"][0, :4] = 1.0  # four nonzeros in a group of four
+    torch.save(payload, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"nonzero outside the masks of callback OneShotPruning.*'model.fc.weight': 2"):
+        load_run_model(tmp_path / "bad.ckpt", image_size=32)
+
+
 def test_masks_survive_a_resume(dense_checkpoint, tmp_path):
     path, _ = dense_checkpoint
     cb = OneShotPruning(density=0.2)
@@ -101,6 +119,17 @@ def test_masks_survive_a_resume(dense_checkpoint, tmp_path):
     check2 = FineTuneCheck(resumed)
     trainer(tmp_path, 4, [resumed, check2]).fit(fresh, fixed_loader(n=48), ckpt_path=str(tmp_path / "c.ckpt"))
     assert all(torch.equal(check2.first[n], check.first[n]) for n in check.first)
+
+
+def test_dense_weights_given_as_ckpt_path_are_refused(dense_checkpoint, tmp_path):
+    model = ImageClassifier("resnet10t", num_classes=10, in_chans=1)
+    t = trainer(tmp_path, 1, [])
+    t.strategy.connect(model)
+    t.save_checkpoint(tmp_path / "dense.ckpt")  # a training state without OneShotPruning masks
+    with pytest.raises(ValueError, match=r"OneShotPruning: fit started from ckpt_path=.*dense.ckpt.*holds no "
+                                         r"OneShotPruning masks.*model.init_args.checkpoint_path"):
+        trainer(tmp_path, 2, [OneShotPruning(density=0.2)]).fit(model, fixed_loader(n=48),
+                                                                ckpt_path=str(tmp_path / "dense.ckpt"))
 
 
 @pytest.mark.parametrize(

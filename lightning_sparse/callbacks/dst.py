@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -134,9 +133,10 @@ class DynamicSparsity(pl.Callback):
         return self._generate_state_key(density=self.density, distribution=self.distribution, growth=self.growth)
 
     @property
-    def masks(self) -> Mapping[str, torch.Tensor]:
-        """``{parameter name: bool mask}`` of the sparse layers (True = kept; a read-only view)."""
-        return self.engine.masks
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool mask}`` (True = kept): a new dict of the live mask tensors; masks change
+        only through the callback's updates (the engine's methods)."""
+        return dict(self.engine.masks)
 
     # ----------------------------------------------------------------------------------- public API
     def target_names(self, pl_module: pl.LightningModule) -> list[str]:

@@ -123,8 +123,9 @@ class GradualMagnitudePruning(pl.Callback):
 
     @property
     def masks(self) -> Masks:
-        """``{parameter name: bool mask}`` of the pruned layers (True = kept)."""
-        return self.engine.masks
+        """``{parameter name: bool mask}`` (True = kept): a new dict of the live mask tensors; masks change
+        only through the callback's updates (the engine's methods)."""
+        return dict(self.engine.masks)
 
     # ----------------------------------------------------------------------------------- public API
     def target_names(self, pl_module: pl.LightningModule) -> list[str]:

@@ -88,6 +88,7 @@ class OneShotPruning(pl.Callback):
         self.engine = MaskEngine()
         self.skipped: dict[str, str] = {}
         self.num_updates = 0
+        self._pruned_at_setup = False  # masks computed in this process's setup, not restored from a checkpoint
 
     @property
     @override
@@ -96,8 +97,9 @@ class OneShotPruning(pl.Callback):
 
     @property
     def masks(self) -> Masks:
-        """``{parameter name: bool mask}`` of the pruned layers (True = kept)."""
-        return self.engine.masks
+        """``{parameter name: bool mask}`` (True = kept): a new dict of the live mask tensors; masks change
+        only through the callback's updates (the engine's methods)."""
+        return dict(self.engine.masks)
 
     def current_masks(self, pl_module: pl.LightningModule) -> Masks:
         """The fixed masks (``MaskSource`` protocol)."""
@@ -120,9 +122,17 @@ class OneShotPruning(pl.Callback):
         check_strategy(trainer, type(self).__name__)
         if stage == "fit" and not self.engine.masks:
             self._run_prune(pl_module)
+            self._pruned_at_setup = True
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pruned_at_setup and trainer.ckpt_path is not None:
+            raise ValueError(
+                f"{type(self).__name__}: fit started from ckpt_path={trainer.ckpt_path!r}, which holds no "
+                f"{type(self).__name__} masks, so they were computed from the weights before that checkpoint "
+                "replaced them. Give the dense weights to the model instead (ImageClassifier: "
+                "`model.init_args.checkpoint_path`); `ckpt_path` resumes a run that already has its masks."
+            )
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         log_metrics(trainer, {"sparsity/global": 1.0 - self.engine.density()})
@@ -141,12 +151,15 @@ class OneShotPruning(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.engine.state_dict(), "num_updates": self.num_updates}
+        # the pattern travels with the masks, so a loader of the run (compare, export) can count N:M as N/M
+        return {**self.engine.state_dict(), "num_updates": self.num_updates, "pattern": self.pattern,
+                "n": self.n, "m": self.m, "layout": self.layout}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
         self.num_updates = int(state_dict.get("num_updates", 1))
+        self._pruned_at_setup = False
 
     # ----------------------------------------------------------------------------------- internals
     def _targets(self, pl_module: pl.LightningModule) -> list[str]:

@@ -77,7 +77,16 @@ def _leave_one_out(parse: Parse, lead: list[str], groups: list[list[str]], among
 
 
 def _leaves(node: Any, prefix: str) -> list[list[str]]:
-    """A config file's entries as ``--key=value`` options (class paths first, lists whole)."""
+    """A config file's entries as ``--key=value`` options (class paths first; a list of classes, such as
+    ``trainer.callbacks``, as one ``--key+=class_path`` per item followed by its arguments; other lists whole)."""
+    if (isinstance(node, list) and prefix and node
+            and all(isinstance(item, dict) and "class_path" in item for item in node)):
+        out = []
+        for item in node:
+            out.append([f"--{prefix}+={item['class_path']}"])
+            for key, value in (item.get("init_args") or {}).items():
+                out += _leaves(value, f"{prefix}.init_args.{key}")
+        return out
     if isinstance(node, dict) and prefix and "class_path" in node:
         out = [[f"--{prefix}={node['class_path']}"]]
         for key, value in (node.get("init_args") or {}).items():
@@ -137,6 +146,8 @@ def _explain(key: str, value: str | None, parsed: Any, sections: dict[str, type]
     parts, node, cls, at = key.split("."), parsed, None, 0
     for i, part in enumerate(parts):  # the deepest class on the key's path
         node = _child(node, part)
+        if isinstance(node, list) and node:  # a list of classes: an option applies to its last item (``+=``)
+            node = node[-1]
         if node is None:
             break
         class_path = _child(node, "class_path")

@@ -29,7 +29,7 @@ from lightning_sparse.run.model import NM, RunModel
 from lightning_sparse.run.resolve import config_image_size, find_config, resolve_image_size
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
-from lightning_sparse.sparsity.nm import bake_nm
+from lightning_sparse.sparsity.nm import bake_nm, nm_violations
 from lightning_sparse.utils.inputs import example_inputs
 
 __all__ = ["load_run_model"]
@@ -140,6 +140,10 @@ def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, NM
     nm, notes = {}, []
     step = int(payload.get("global_step", 0))
     for key, cb in (payload.get("callbacks") or {}).items():
+        if key.startswith("OneShotPruning") and isinstance(cb, Mapping) and cb.get("pattern") == "nm":
+            nm.update(_fixed_nm(model, key, cb))
+            notes.append(f"{key}: N:M masks fixed at fit start; the stored weights hold them.")
+            continue
         if not key.startswith("NMSparsity") or not isinstance(cb, Mapping):
             continue
         pattern, layout = NM(int(cb["n"]), int(cb["m"])), str(cb.get("layout", "input_channels"))
@@ -156,6 +160,23 @@ def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, NM
         notes.append(f"{key}: {pattern} masks ({layout}) recomputed from the dense weights and baked into "
                      f"{len(names)} weights.")
     return nm, notes
+
+
+def _fixed_nm(model: nn.Module, key: str, cb: Mapping[str, Any]) -> dict[str, NM]:
+    """The N:M weights of a callback whose masks are fixed (one-shot), checked against the stored weights."""
+    pattern, layout = NM(int(cb["n"]), int(cb["m"])), str(cb.get("layout", "input_channels"))
+    params = dict(model.named_parameters())
+    out = {}
+    for target in cb.get("masks") or {}:
+        name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
+        if name not in params:
+            raise ValueError(f"callback {key} masks {target!r}, which the backbone does not have.")
+        bad = nm_violations(params[name].detach(), pattern.n, pattern.m, layout)
+        if bad:
+            raise ValueError(f"callback {key}: {target!r} has {bad} groups with more than {pattern.n} nonzeros of "
+                             f"{pattern.m}; the stored weights do not hold its {pattern} masks.")
+        out[name] = pattern
+    return out
 
 
 def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None, model_default_size: bool,
