@@ -247,6 +247,8 @@ def test_digits_sweep_end_to_end(tmp_path: Path) -> None:
                max_epochs=6, overrides=short, reps=1, jobs=2)
     with (tmp_path / "out" / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 2 * (1 + 4 + 2) and all(r["test_acc"] for r in table)
+    # per seed: dense; SET, RigL, Chase, Chase prune skip, GMP at 0.05; SR-STE, STE, one-shot at 2:4
+    assert len(table) == 2 * (1 + 5 + 3) and all(r["test_acc"] for r in table)
     text = (tmp_path / "out" / "sweep.md").read_text()
     assert "| rigl vs set | d0.05 |" in text and "| chase_residual vs chase | d0.05 |" in text
+    assert "| rigl vs gmp | d0.05 |" in text and "| oneshot_nm vs srste | 2to4 |" in text
