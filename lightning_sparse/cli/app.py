@@ -98,7 +98,10 @@ class SparseCLI(LightningCLI):
             prog = f"train.py {sub}" if sub else "train.py"
             raise fail(prog, self.parse_error(argv, str(err), prog)) from None
         except INPUT_ERRORS as err:
-            raise (self.input_error(err) or err) from None
+            located = self.input_error(err)
+            if located is None:
+                raise  # not an input error: the original exception with its traceback and cause
+            raise located from None
 
     @property
     def prog(self) -> str:
