@@ -25,7 +25,7 @@ def load_deployable(run: Run, image_size: int | None = None) -> RunModel:
     shapes the run trained.
     """
     size = image_size if image_size is not None else config_image_size(run.config)
-    return load_run_model(run.checkpoint, size, remove_zeroed_channels=False)
+    return load_run_model(run.checkpoint, size, remove_zeroed_channels=False, any_module=True)
 
 
 def arch_key(dense: nn.Module, input_shape: tuple[int, ...]) -> str:

@@ -17,6 +17,7 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,17 @@ import torch
 from torch import nn
 
 from lightning_sparse.run.model import NM, RunModel
-from lightning_sparse.run.resolve import config_image_size, find_config, resolve_image_size
+from lightning_sparse.run.resolve import config_image_size, find_config, resolve_class, resolve_image_size
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
 from lightning_sparse.sparsity.nm import bake_nm, nm_violations
 from lightning_sparse.utils.inputs import example_inputs
+from lightning_sparse.utils.modules import first_conv
 
 __all__ = ["load_run_model"]
 
 _PREFIX = "model."  # the timm backbone inside ImageClassifier
+_CLASSIFIER_KEYS = ("model_name", "num_classes", "in_chans")  # its hyper-parameters that build the backbone
 
 
 def _not_a_checkpoint(path: Path, why: str) -> ValueError:
@@ -135,20 +138,20 @@ def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torc
     return notes
 
 
-def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, NM], list[str]]:
+def _bake_nm(model: nn.Module, payload: Mapping[str, Any], prefix: str = _PREFIX) -> tuple[dict[str, NM], list[str]]:
     """Bake the N:M masks the forward used (after the dense warm-up), from the callback state."""
     nm, notes = {}, []
     step = int(payload.get("global_step", 0))
     for key, cb in (payload.get("callbacks") or {}).items():
         if key.startswith("OneShotPruning") and isinstance(cb, Mapping) and cb.get("pattern") == "nm":
-            nm.update(_fixed_nm(model, key, cb))
+            nm.update(_fixed_nm(model, key, cb, prefix))
             notes.append(f"{key}: N:M masks fixed at fit start; the stored weights hold them.")
             continue
         if not key.startswith("NMSparsity") or not isinstance(cb, Mapping):
             continue
         pattern, layout = NM(int(cb["n"]), int(cb["m"])), str(cb.get("layout", "input_channels"))
         warmup = int(cb.get("dense_warmup_steps", 0))
-        names = [t[len(_PREFIX):] for t in cb.get("targets") or [] if t.startswith(_PREFIX)]
+        names = [t[len(prefix):] for t in cb.get("targets") or [] if t.startswith(prefix)]
         if not names:
             raise ValueError(f"callback {key} lists no target weights of the backbone; cannot bake its masks.")
         if step < warmup:
@@ -162,13 +165,13 @@ def _bake_nm(model: nn.Module, payload: Mapping[str, Any]) -> tuple[dict[str, NM
     return nm, notes
 
 
-def _fixed_nm(model: nn.Module, key: str, cb: Mapping[str, Any]) -> dict[str, NM]:
+def _fixed_nm(model: nn.Module, key: str, cb: Mapping[str, Any], prefix: str = _PREFIX) -> dict[str, NM]:
     """The N:M weights of a callback whose masks are fixed (one-shot), checked against the stored weights."""
     pattern, layout = NM(int(cb["n"]), int(cb["m"])), str(cb.get("layout", "input_channels"))
     params = dict(model.named_parameters())
     out = {}
     for target in cb.get("masks") or {}:
-        name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
+        name = target[len(prefix):] if target.startswith(prefix) else target
         if name not in params:
             raise ValueError(f"callback {key} masks {target!r}, which the backbone does not have.")
         bad = nm_violations(params[name].detach(), pattern.n, pattern.m, layout)
@@ -179,10 +182,37 @@ def _fixed_nm(model: nn.Module, key: str, cb: Mapping[str, Any]) -> dict[str, NM
     return out
 
 
+def _from_config_class(path: Path, payload: Mapping[str, Any], image_size: int | None) -> RunModel:
+    """Any LightningModule: built from the run's ``config.yaml`` ``model`` section, its checkpoint weights loaded."""
+    spec = (find_config(path) or {}).get("model")
+    if not isinstance(spec, Mapping) or not spec.get("class_path"):
+        raise _not_a_checkpoint(path, "has no ImageClassifier hyper-parameters and no config.yaml next to it "
+                                      "naming its model's class_path")
+    cls = resolve_class(spec["class_path"])
+    accepted = inspect.signature(cls).parameters
+    kwargs = {**(spec.get("init_args") or {}), **dict(payload.get("hyper_parameters") or {})}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    model = cls(**kwargs)
+    in_chans = first_conv(model).in_channels
+    size = _image_size(path, payload, image_size)
+    restore_channel_config(model, payload, example_inputs((in_chans, size, size)), prefix="")
+    state = payload["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {spec['class_path']}: {err}") from None
+    notes = _check_masks(payload, state)
+    nm, nm_notes = _bake_nm(model, payload, prefix="")
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return RunModel(model.eval(), str(spec["class_path"]), heads[-1].out_features if heads else 0, in_chans, size,
+                    kwargs, "lightning checkpoint", nm, notes + nm_notes, factory=lambda: cls(**kwargs))
+
+
 def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None, model_default_size: bool,
                     remove_zeroed_channels: bool) -> RunModel:
     hp = payload.get("hyper_parameters") or {}
-    missing = [k for k in ("model_name", "num_classes", "in_chans") if k not in hp]
+    missing = [k for k in _CLASSIFIER_KEYS if k not in hp]
     if missing:
         raise _not_a_checkpoint(path, f"has no ImageClassifier hyper-parameters {missing}")
     arch, num_classes, in_chans = str(hp["model_name"]), int(hp["num_classes"]), int(hp["in_chans"])
@@ -206,7 +236,7 @@ def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None,
 
 
 def load_run_model(path: str | Path, image_size: int | None = None, *, model_default_size: bool = False,
-                   remove_zeroed_channels: bool = True) -> RunModel:
+                   remove_zeroed_channels: bool = True, any_module: bool = False) -> RunModel:
     """The deployable network of a Lightning checkpoint or a slim export file (see the module docstring).
 
     Args:
@@ -217,6 +247,9 @@ def load_run_model(path: str | Path, image_size: int | None = None, *, model_def
             (else that is an error).
         remove_zeroed_channels: remove the channels a Chase run zeroed but never slimmed (off: the network
             keeps the channel counts the checkpoint stores).
+        any_module: a checkpoint of another LightningModule than ImageClassifier is built from the
+            ``model`` section (``class_path``, ``init_args``) of the run's ``config.yaml`` and measured whole
+            (``compare`` does this; an export needs a timm backbone).
 
     Raises:
         ValueError: a missing or unreadable file, a file that is neither kind, weights that do not fit,
@@ -230,6 +263,9 @@ def load_run_model(path: str | Path, image_size: int | None = None, *, model_def
         return RunModel(model.eval(), payload["arch"], int(payload["num_classes"]), int(payload["in_chans"]),
                         size, dict(payload.get("model_kwargs") or {}), "slim export",
                         notes=["slim export: weights used as stored."])
+    hp = payload.get("hyper_parameters") or {}
+    if any_module and "state_dict" in payload and not all(k in hp for k in _CLASSIFIER_KEYS):
+        return _from_config_class(path, payload, image_size)
     if "state_dict" in payload and "hyper_parameters" in payload:
         return _from_lightning(path, payload, image_size, model_default_size, remove_zeroed_channels)
     raise _not_a_checkpoint(path, "is a torch file but neither a Lightning checkpoint nor a slim export")

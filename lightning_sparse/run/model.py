@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class RunModel:
     kind: str  # "lightning checkpoint" | "slim export"
     nm: dict[str, NM] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    factory: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)  # not timm: builds it
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -72,7 +74,9 @@ class RunModel:
         return (self.in_chans, self.image_size, self.image_size)
 
     def dense(self) -> nn.Module:
-        """A dense model of the same timm architecture (random weights, eval mode)."""
+        """A dense model of the same architecture (random weights, eval mode): timm's, or ``factory``'s."""
+        if self.factory is not None:
+            return self.factory().eval()
         return timm.create_model(
             self.arch, pretrained=False, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
         ).eval()
