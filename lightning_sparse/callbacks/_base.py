@@ -9,10 +9,12 @@ from typing import Protocol, runtime_checkable
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
+from typing_extensions import override
 
+from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.utils.inputs import example_inputs
 
-__all__ = ["MaskProvider", "MaskSource", "MaskSourceInfo", "log_metrics", "check_strategy", "example_input"]
+__all__ = ["KeepMasked", "MaskProvider", "MaskSource", "MaskSourceInfo", "log_metrics", "check_strategy", "example_input"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,26 @@ class MaskSource(MaskProvider, Protocol):
     def schedule_marks(self, trainer: pl.Trainer) -> dict[str, int]:
         """``{label: optimizer step}`` where the schedule changes, e.g. ``{"DST stop": 7500}``; ``{}`` if none."""
         ...
+
+
+class KeepMasked(pl.Callback):
+    """The hooks of a callback whose masks change only at its own updates (GMP, one-shot): gradients outside
+    ``self.engine``'s masks are zeroed before every optimizer step, and weights after every batch (so the weight
+    decay of a decoupled optimizer such as AdamW cannot move them either)."""
+
+    engine: MaskEngine
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.engine.mask_grads()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        self.engine.apply_weights()
 
 
 @rank_zero_only

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
+from lightning_sparse.callbacks._base import KeepMasked, MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.callbacks._schedule import fast_dev_run_step, resolve_stop_step
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
@@ -44,7 +44,7 @@ def _check_args(density: float, distribution: str, initial_sparsity: float, upda
         check_range("stop_epoch", stop_epoch, 1, low_inclusive=True, integer=True)
 
 
-class GradualMagnitudePruning(pl.Callback):
+class GradualMagnitudePruning(KeepMasked):
     """Gradual magnitude pruning (Zhu & Gupta 2017), the ``prune`` baseline of google-research/rigl.
 
     Training starts dense. At ``start_step`` (t0) and every ``update_interval`` (Δt) optimizer steps after it
@@ -195,18 +195,6 @@ class GradualMagnitudePruning(pl.Callback):
         step = trainer.global_step
         if step in self._steps and step != self.last_update_step:  # once per step under gradient accumulation
             self._run_update(trainer, step)
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self.engine.mask_grads()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.engine.apply_weights()  # weight decay of a decoupled optimizer (AdamW) must not move them either
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
+from lightning_sparse.callbacks._base import KeepMasked, MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.gmp import SCOPES, final_counts, prune_global, prune_layers
@@ -23,7 +23,7 @@ Pattern = Literal["unstructured", "nm"]
 PATTERNS = ("unstructured", "nm")
 
 
-class OneShotPruning(pl.Callback):
+class OneShotPruning(KeepMasked):
     """One-shot magnitude pruning of the model's loaded weights at fit start, then fine-tuning with fixed masks.
 
     The recipe of NVIDIA ASP's ``prune_trained_model``: build the model from a trained dense checkpoint (e.g.
@@ -136,18 +136,6 @@ class OneShotPruning(pl.Callback):
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         log_metrics(trainer, {"sparsity/global": 1.0 - self.engine.density()})
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self.engine.mask_grads()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.engine.apply_weights()
 
     @override
     def state_dict(self) -> dict[str, Any]:
