@@ -160,11 +160,12 @@ def test_slurm_requeue_writes_hpc_checkpoint_and_restart_is_bitwise(tmp_path, tm
                    *slurm, env=env)
     assert first.returncode == 143, first.stderr[-3000:]
     assert calls.read_text().split() == ["requeue", "4242"]
-    hpc = _run_dir(tmp_path, config) / "hpc_ckpt_1.ckpt"
+    hpc = _run_dir(tmp_path, config) / "version_0/hpc_ckpt_1.ckpt"  # in the run folder, which the requeue continues
     assert torch.load(hpc, weights_only=False)["global_step"] == 6  # written at the end of step 5, mid-epoch 1
-    # the requeued job runs the same command; Lightning restores the HPC checkpoint by itself
+    # the requeued job resumes from the HPC checkpoint in the run folder (configs/slurm/train.sbatch passes
+    # --ckpt_path last, which here would pick the newer interrupted-*.ckpt of the SIGTERM at step 8)
     second = _train(tmp_path, "--config", str(_config(tmp_path, config, [], "slurm_restart")), *slurm,
-                    env={**env, "SLURM_RESTART_COUNT": "1"})
+                    "--ckpt_path", str(hpc.relative_to(tmp_path)), env={**env, "SLURM_RESTART_COUNT": "1"})
     restored = f"Restoring states from the checkpoint path at {hpc.relative_to(tmp_path)}"
     assert restored in second.stdout + second.stderr, second.stderr[-3000:]
     _compare(tmp_path_factory, tmp_path, config, "SIGUSR1 during step 5 (hpc_ckpt at step 6), SIGTERM during step 8",

@@ -21,11 +21,8 @@ Adds to Lightning's CLI:
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,7 +30,7 @@ from jsonargparse import ArgumentError
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -60,11 +57,12 @@ from lightning_sparse.cli.errors import (
 )
 from lightning_sparse.cli.parse_errors import parse_error_line
 from lightning_sparse.cli.parser import SparseArgumentParser, default_instantiator, refused_in
+from lightning_sparse.cli.runs import cli_managed_loggers, run_loggers, with_run_config
 from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
-from lightning_sparse.loggers import WandbLogger
 from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_sparse.run.folder import RunFolder
 
-__all__ = ["BadValue", "SparseCLI", "default_loggers", "default_loggers_with_records", "main"]
+__all__ = ["BadValue", "SparseCLI", "default_loggers", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
@@ -159,22 +157,38 @@ class SparseCLI(LightningCLI):
         self.print_summary(fitted=False)
 
     @override
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        """Without subcommands (``train.py --config ...``: fit, then test) the parser takes ``fit``'s own arguments
+        too (``--ckpt_path``, ``--weights_only``), as ``train.py fit`` does."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            self.parser.add_method_arguments(self.trainer_class, "fit", skip=self.subcommands()["fit"])
+
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("description", HELP)
         return super().init_parser(**kwargs)
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as LightningCLI does, then resolve ``--ckpt_path last`` and check the checkpoint is readable."""
-        super().parse_arguments(parser, args)
+        """Parse as LightningCLI does (reading the run's ``config.yaml`` when ``--ckpt_path`` names a run's checkpoint
+        and no ``--config`` is given: :func:`~lightning_sparse.cli.runs.with_run_config`), then resolve
+        ``--ckpt_path last`` / ``best`` and check the checkpoint is readable."""
+        argv = list(sys.argv[1:] if args is None else args) if isinstance(args, list) or args is None else None
+        with_config = with_run_config(argv, SUBCOMMANDS) if argv is not None else None
+        if args is None and with_config != argv:  # sys.argv plus the run's config (super() warns on args + argv)
+            self.config = parser.parse_args(with_config)
+        else:
+            super().parse_arguments(parser, with_config if with_config is not None else args)
         sub = self.config.get("subcommand")
-        if sub and self.config[sub].get("ckpt_path"):
+        node = self.config[sub] if sub else self.config
+        if node.get("ckpt_path"):
             try:
-                resolve_ckpt_path(self.config[sub])
+                resolve_ckpt_path(node)
             except (ValueError, FileNotFoundError) as err:
                 if debug():
                     raise
-                raise fail(f"train.py {sub}", str(err)) from None
+                raise fail(f"train.py {sub}" if sub else "train.py", str(err)) from None
 
     best_checkpoint_patterns = staticmethod(best_checkpoint_patterns)
     best_checkpoint = staticmethod(best_checkpoint)
@@ -213,12 +227,14 @@ class SparseCLI(LightningCLI):
         """Adds the defaults described in the module docstring to what the config asks for."""
         cfg = self._section("trainer") or {}
         run_name = self._section("run_name")
-        if cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            self.logger_records = default_loggers_with_records(run_name, eval_dir=self._evaluated_run(),
-                                                               stage=self.subcommand)
+        run_folder = None
+        if cli_managed_loggers(cfg.get("logger")) and "logger" not in kwargs:
+            self.logger_records, folder, created = run_loggers(run_name, self._section("ckpt_path"), self.subcommand)
             kwargs["logger"] = [logger for logger, _ in self.logger_records]
-        if cfg.get("default_root_dir") is None:  # SLURM's hpc_ckpt_N.ckpt lands here, not in the cwd
-            kwargs.setdefault("default_root_dir", f"{RUNS_DIR}/{run_name}")
+            if self.subcommand in (None, "fit"):
+                run_folder = RunFolder(folder, created)
+        if cfg.get("default_root_dir") is None:  # SLURM's hpc_ckpt_N.ckpt lands here (the run folder), not in the cwd
+            kwargs.setdefault("default_root_dir", str(run_folder.folder) if run_folder else f"{RUNS_DIR}/{run_name}")
         plugins = _as_list(cfg.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
@@ -226,7 +242,8 @@ class SparseCLI(LightningCLI):
         callbacks = [*([sparsity] if sparsity is not None else []), *_as_list(cfg.get("callbacks"))]
         if cfg.get("enable_checkpointing") is not False and not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
             callbacks.append(PreemptionCheckpoint())
-        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), self.loops_started]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), *([run_folder] if run_folder else []),
+                               self.loops_started]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except INPUT_ERRORS as err:
@@ -235,14 +252,6 @@ class SparseCLI(LightningCLI):
             raise fail(self.prog, trainer_error_line(err, {**dict(cfg), **kwargs})) from None
         self._record(trainer)
         return trainer
-
-    def _evaluated_run(self) -> Path | None:
-        """``runs/<name>/version_N`` when validate/test/predict evaluates a checkpoint of that run."""
-        cfg = self._section("ckpt_path") if self.subcommand in ("validate", "test", "predict") else None
-        path = Path(cfg) if cfg else None
-        if path is not None and path.parent.name == "checkpoints" and re.match(r"version_\d+$", path.parent.parent.name):
-            return path.parent.parent
-        return None
 
     def _record(self, trainer: Trainer) -> None:
         """Write the loggers and callbacks the CLI added into the config that ``config.yaml`` saves."""
@@ -253,7 +262,7 @@ class SparseCLI(LightningCLI):
         def entry(obj: Any, **init_args: Any) -> Namespace:
             return Namespace(class_path=f"{type(obj).__module__}.{type(obj).__name__}", init_args=Namespace(**init_args))
 
-        if cfg.get("logger") in (None, True) and trainer.loggers:
+        if cli_managed_loggers(cfg.get("logger")) and trainer.loggers:
             records = [(lg, rec) for lg, rec in self.logger_records if any(lg is x for x in trainer.loggers)]
             cfg.logger = [entry(lg, **rec) for lg, rec in records] or cfg.logger
         added = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
@@ -269,34 +278,10 @@ def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def default_loggers(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | None = None,
-                    stage: str | None = None) -> list[Logger]:
-    """CSV + W&B loggers of one run version (:func:`default_loggers_with_records`)."""
-    return [logger for logger, _ in default_loggers_with_records(run_name, save_dir, eval_dir, stage)]
-
-
-def default_loggers_with_records(run_name: str, save_dir: str = RUNS_DIR, eval_dir: Path | None = None,
-                                 stage: str | None = None) -> list[tuple[Logger, dict[str, Any]]]:
-    """``(logger, its init arguments)`` of the CSV + W&B (offline by default) loggers of one run version:
-    ``<save_dir>/<run_name>/version_N`` holds
-    ``metrics.csv`` and the W&B run (``wandb/offline-run-*``, W&B run name ``<run_name>/version_N``).
-
-    ``eval_dir``: validate/test/predict of a checkpoint of that run version write into
-    ``<eval_dir>/<stage>/version_K`` (the run's own ``metrics.csv`` and ``config.yaml`` stay as they are).
-    """
-    if eval_dir is not None:
-        stage = stage or "eval"
-        csv = CSVLogger(save_dir=str(eval_dir), name=stage)
-        label = f"{run_name}/{eval_dir.name}/{stage}/version_{csv.version}"
-        rank_zero_info(f"Evaluating a checkpoint of {eval_dir}: results go to {csv.log_dir}")
-    else:
-        csv = CSVLogger(save_dir=save_dir, name=run_name)
-        label = f"{run_name}/version_{csv.version}"
-    if not Path(csv.log_dir).exists():  # a new version: the W&B folder in it is ours, not an earlier run's logs
-        warnings.filterwarnings("ignore", message=f"Experiment logs directory {re.escape(csv.log_dir)} exists")
-    wandb = WandbLogger(save_dir=csv.log_dir, project="lightning_sparse", name=label)
-    return [(csv, {"save_dir": str(csv.save_dir), "name": csv.name, "version": csv.version}),
-            (wandb, {"save_dir": csv.log_dir, "project": "lightning_sparse", "name": label})]
+def default_loggers(run_name: str) -> list[Logger]:
+    """The CSV + W&B (offline by default) loggers of a new run version ``runs/<run_name>/version_N``
+    (:func:`~lightning_sparse.cli.runs.run_loggers`)."""
+    return [logger for logger, _ in run_loggers(run_name, None, "fit")[0]]
 
 
 def main(args: list[str] | None = None) -> SparseCLI:
@@ -309,7 +294,8 @@ def main(args: list[str] | None = None) -> SparseCLI:
         if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
             return SparseCLI(args=cli_args)
         cli = SparseCLI(args=cli_args, run=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"),
+                        weights_only=cli.config.get("weights_only"))
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         cli.print_summary()

@@ -14,13 +14,14 @@ from lightning_sparse.preemption import LAST_PATTERNS, checkpoint_is_readable, f
 __all__ = ["RUNS_DIR", "best_checkpoint", "best_checkpoint_patterns", "last_checkpoint_patterns", "resolve_ckpt_path"]
 
 RUNS_DIR = "runs"
+_HINT = "; name the run with --run_name=<name> (or give its --config)"
 
 
-def resolve_ckpt_path(cfg: Any) -> None:
+def resolve_ckpt_path(cfg: Any, quiet: bool = False) -> None:
     """Set ``cfg.ckpt_path`` to a file. ``last``: the newest readable ``last*.ckpt`` / ``interrupted-*.ckpt`` /
     ``hpc_ckpt_*.ckpt`` of the run (each run logs into a new ``version_N``, so Lightning's own ``"last"``, which
     looks in the new run's directory, would find nothing); ``best``: :func:`best_checkpoint`; a path: must be a
-    readable Lightning checkpoint.
+    readable Lightning checkpoint. ``quiet``: do not say which file ``last`` / ``best`` resolved to.
 
     Raises:
         FileNotFoundError: no checkpoint matches, or the file does not exist.
@@ -32,16 +33,19 @@ def resolve_ckpt_path(cfg: Any) -> None:
         found = find_last_checkpoint(Path(p) for pattern in patterns for p in glob.glob(pattern))
         if found is None:
             raise FileNotFoundError(f"--ckpt_path=last: no readable checkpoint matches {patterns} "
-                                    f"(run_name={cfg.run_name!r}).")
+                                    f"(run_name={cfg.run_name!r}{_HINT if cfg.run_name == 'default' else ''}).")
         cfg.ckpt_path = str(found)
-        rank_zero_info(f"Resuming from {cfg.ckpt_path}")
+        if not quiet:
+            rank_zero_info(f"Resuming from {cfg.ckpt_path}")
     elif path == "best":
         found = best_checkpoint(cfg)
         if found is None:
             raise FileNotFoundError(f"--ckpt_path=best: no best checkpoint of run_name={cfg.run_name!r} "
-                                    f"matches {best_checkpoint_patterns(cfg)}.")
+                                    f"matches {best_checkpoint_patterns(cfg)}"
+                                    f"{_HINT if cfg.run_name == 'default' else ''}.")
         cfg.ckpt_path = str(found)
-        rank_zero_info(f"--ckpt_path=best: {cfg.ckpt_path}")
+        if not quiet:
+            rank_zero_info(f"--ckpt_path=best: {cfg.ckpt_path}")
     elif path != "hpc" and "://" not in str(path) and not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt_path={path!r}: no such file. Pass a .ckpt file, or 'last' / 'best'.")
     elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
@@ -83,6 +87,7 @@ def last_checkpoint_patterns(cfg: Any) -> list[str]:
     checkpoint_dir = (cfg.get("last_checkpoint") or {}).get("dirpath")
     run_dir = (cfg.get("trainer") or {}).get("default_root_dir") or f"{RUNS_DIR}/{cfg.run_name}"
     ckpt_dirs = [checkpoint_dir] if checkpoint_dir else [f"{RUNS_DIR}/{cfg.run_name}/version_*/checkpoints"]
+    hpc_dirs = [run_dir, f"{RUNS_DIR}/{cfg.run_name}/version_*"]  # SLURM's requeue checkpoints: in the run folder
     return [f"{d}/{p}" for d in ckpt_dirs for p in LAST_PATTERNS if not p.startswith("hpc")] + [
-        f"{run_dir}/hpc_ckpt_*.ckpt"
+        f"{d}/hpc_ckpt_*.ckpt" for d in hpc_dirs
     ]
