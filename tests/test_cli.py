@@ -75,7 +75,8 @@ def test_quickstart_fit_then_test_writes_checkpoint_and_offline_wandb(tmp_path, 
     # config.yaml records what ran: the two default loggers and the preemption callback the CLI added
     saved = yaml.safe_load((version / "config.yaml").read_text())
     loggers = {lg["class_path"].rpartition(".")[2]: lg["init_args"] for lg in saved["trainer"]["logger"]}
-    assert loggers["CSVLogger"]["version"] == 0 and loggers["WandbLogger"]["save_dir"] == "runs/quickstart/version_0"
+    assert loggers["RunCSVLogger"]["version"] == 0 and loggers["WandbLogger"]["save_dir"] == "runs/quickstart/version_0"
+    assert loggers["WandbLogger"]["id"] == offline[0].parent.name.rsplit("-", 1)[1]  # what a resume continues
     assert [c["class_path"] for c in saved["trainer"]["callbacks"]] == ["lightning_sparse.preemption.PreemptionCheckpoint"]
 
 
