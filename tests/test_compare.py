@@ -282,7 +282,7 @@ def test_digits_sweep_end_to_end(tmp_path: Path) -> None:
     sweep = _sweep_module()
     short = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     sweep.main(densities=[0.05], nm=["2to4"], seeds=[0, 1], out=str(tmp_path / "out"), workdir=str(tmp_path),
-               max_epochs=6, overrides=short, reps=1, jobs=2)
+               max_epochs=6, overrides=short, reps=5, jobs=2)
     with (tmp_path / "out" / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     # per seed: dense; SET, RigL, Chase, Chase prune skip, GMP at 0.05; SR-STE, STE, one-shot at 2:4
