@@ -165,7 +165,7 @@ def main(
         jobs: training runs at a time (each its own process, one thread unless ``train_threads``). On 2
             cores ``jobs=2`` keeps both busy through each run's start-up, validation and checkpoint I/O;
             the runs' own wall-clock times (compare's ``train_time_s``) then count a shared machine.
-        reps: round-robin timing repetitions passed to compare.
+        reps: round-robin timing repetitions passed to compare (at least 5).
         threads: torch threads for compare's timing (default torch's).
         dry_run: print the commands and stop.
         train: train the runs that are not done yet; ``false`` compares only the finished ones.

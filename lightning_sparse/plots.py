@@ -76,6 +76,12 @@ _EVENT_STYLE = {"mask update": dict(color="tab:green", linestyle="--"),
 _MARK_STYLE = dict(color="black", linestyle=":", linewidth=1.4)
 
 
+def _legend_outside(fig: Figure, handles: Sequence[Any], labels: Sequence[str], **kwargs: Any) -> None:
+    """One legend for the figure, right of its axes (and colorbar): never over the data."""
+    if labels:
+        fig.legend(list(handles), list(labels), loc="outside right upper", fontsize=7, **kwargs)
+
+
 def _mark_events(axes: Sequence[Any], history: Mapping[str, Any], legend_ax: Any = None) -> None:
     """Vertical lines at mask updates, channel removals (one style each) and the schedule's stop steps."""
     steps = list(history.get("step", []))
@@ -92,8 +98,8 @@ def _mark_events(axes: Sequence[Any], history: Mapping[str, Any], legend_ax: Any
         resets = sorted({step for step, _name in history.get("resets", [])} - removals)  # slimming: already marked
         for i, step in enumerate(resets):
             ax.axvline(step, color="grey", linestyle=":", linewidth=0.8, label="mask shape change" if i == 0 else None)
-    if legend_ax is not None and legend_ax.get_legend_handles_labels()[1]:
-        legend_ax.legend(fontsize=7, loc="best")
+    if legend_ax is not None:
+        _legend_outside(legend_ax.figure, *legend_ax.get_legend_handles_labels())
 
 
 def _count(n: int) -> str:
@@ -139,8 +145,7 @@ def plot_sad(history: Mapping[str, Any]) -> Figure:
     ax_init.set_xlabel("optimizer step")
     _mark_events([ax_step, ax_init], history)
     handles, labels = ax_step.get_legend_handles_labels()
-    if len(labels) > 1:
-        ax_step.legend(handles[1:], labels[1:], fontsize=7, loc="upper right")
+    _legend_outside(fig, handles[1:], labels[1:])  # the events; the curves are named by the y labels
     for ax in (ax_step, ax_init):
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0.0)
@@ -237,29 +242,61 @@ def plot_layer_density(history: Mapping[str, Any]) -> Figure:
     return fig
 
 
+def _same_curves(names: Sequence[str], rows: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
+    """Layers whose curves are identical (NaN where missing), grouped in first-seen order."""
+    groups: list[tuple[list[str], np.ndarray]] = []
+    for name, row in zip(names, rows):
+        for members, curve in groups:
+            if np.array_equal(curve, row, equal_nan=True):
+                members.append(name)
+                break
+        else:
+            groups.append(([name], row))
+    return groups
+
+
 def plot_active_channels(history: Mapping[str, Any]) -> Figure:
     """Active output channels per layer over time, as a fraction of each layer's first measured count.
 
+    Counts change only at channel removals, so each curve is drawn as steps (a value holds until the
+    measurement that shows the next removal). Layers with identical curves share one line labelled with
+    their count (e.g. every layer that keeps all its channels: "12 layers unchanged (1.0)"); the legend
+    sits outside the axes.
+
     Example:
-        >>> h = {"step": [0, 10], "channels": {"conv1": [64, 48], "conv2": [128, 128]}}
-        >>> plot_active_channels(h).axes[0].get_ylabel()
-        'active channels / initial'
+        >>> h = {"step": [0, 10], "channels": {"conv1": [64, 48], "conv2": [128, 128], "conv3": [32, 32]}}
+        >>> fig = plot_active_channels(h)
+        >>> fig.axes[0].get_ylabel(), [t.get_text() for t in fig.legends[0].get_texts()]
+        ('active channels / initial', ['conv1', '2 layers unchanged (1.0)'])
     """
     steps = list(history["step"])
     names, mat = _matrix(history["channels"], len(steps))
     fig = _new_figure(8.0, 4.8)
     ax = fig.subplots()
-    for name, row in zip(names, mat):
+    curves = []
+    for row in mat:
         valid = row[~np.isnan(row)]
         first = valid[0] if len(valid) and valid[0] > 0 else math.nan
-        ax.plot(steps, row / first, marker=".", linewidth=1.0, label=name)
+        curves.append(row / first)
+    groups = _same_curves(names, np.asarray(curves).reshape(len(names), len(steps)))
+    styles = ["-", "--", "-.", ":"]
+    for i, (members, curve) in enumerate(groups):
+        finite = curve[~np.isnan(curve)]
+        if len(members) == 1:
+            label = members[0]
+        elif len(finite) and np.all(finite == 1.0):
+            label = f"{len(members)} layers unchanged (1.0)"
+        else:
+            label = f"{members[0]} and {len(members) - 1} more (same curve)"
+        ax.plot(steps, curve, drawstyle="steps-post", marker=".", linewidth=1.2 if len(members) == 1 else 2.0,
+                linestyle=styles[(i // 10) % len(styles)], label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("active channels / initial")
     ax.set_title(_title(history, "Active channels per layer"), fontsize=10)
-    ax.set_ylim(bottom=0.0)
+    ax.set_ylim(bottom=0.0, top=1.05)
     ax.grid(True, alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-    if len(names) > _MAX_LEGEND:
+    if len(groups) > _MAX_LEGEND:
         for line in ax.lines:
             line.set_label(None)
     _mark_events([ax], history, legend_ax=ax)

@@ -36,13 +36,16 @@ RUNS = {
                              "--sparsity.update_interval=2",
                              "--sparsity.density=0.3"]),
     "nm": ("srste.yaml", ["--trainer.max_epochs=1", "--sparsity.n=1", "--sparsity.m=8"]),
+    "dense": ("dense.yaml", ["--trainer.max_epochs=1"]),
 }
+# (epochs, optimizer steps, images seen) from the overrides above: batches per epoch x epochs, 16 images a batch
+BUDGETS = {"rigl": (1, 6, 96), "chase": (2, 6, 96), "nm": (1, 3, 48), "dense": (1, 3, 48)}
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three tiny runs (RigL, Chase with slimming, 1:8 SR-STE) made with train.py's CLI: ``<tmp>/runs/<name>``."""
+    """Four tiny runs (RigL, Chase with slimming, 1:8 SR-STE, dense) made with train.py's CLI: ``<tmp>/runs/<name>``."""
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -86,7 +89,7 @@ def _dense_layers(image_size: int) -> tuple[dict[str, int], dict[str, int]]:
 
 def test_table_matches_run_files_and_checkpoints(runs: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
-    rows = {Path(r["run"]).parent.name: r for r in compare([str(runs / "*")], out=str(tmp_path), reps=1)}
+    rows = {Path(r["run"]).parent.name: r for r in compare([str(runs / "*")], out=str(tmp_path), reps=5)}
     elapsed_ms = (time.perf_counter() - start) * 1e3
     assert set(rows) == set(RUNS)
     areas, dense_numel = _dense_layers(16)
@@ -121,11 +124,12 @@ def test_table_matches_run_files_and_checkpoints(runs: Path, tmp_path: Path) -> 
             assert row["flops_nonzero"] == pytest.approx(
                 sum(2 * areas[k] * int(torch.count_nonzero(w)) for k, w in layers.items()), rel=1e-9)
         assert row["dense_flops"] == sum(2 * areas[k] * dense_numel[k] for k in areas)
-        assert row["speedup"] == pytest.approx(row["throughput"] / row["dense_throughput"])
         # a latency is one batch-1 forward in ms: more than 10 µs for a conv net on a CPU, and less than the
         # whole compare call that measured it (a value in s or µs, or a NaN, fails one side)
         for key in ("latency_ms", "dense_latency_ms"):
             assert 0.01 < row[key] < elapsed_ms, (key, row[key], elapsed_ms)
+        assert row["timing_reps"] == 5
+        assert (row["epochs"], row["optimizer_steps"], row["images_seen"]) == BUDGETS[name]
     assert rows["chase"]["params"] < rows["chase"]["dense_params"]  # measured in slimmed shape
     assert rows["chase"]["flops"] < rows["chase"]["dense_flops"]
     assert rows["rigl"]["params"] == rows["rigl"]["dense_params"]  # unstructured: dense-shaped
@@ -136,7 +140,18 @@ def test_table_matches_run_files_and_checkpoints(runs: Path, tmp_path: Path) -> 
     with (tmp_path / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [float(r["test_acc"]) for r in table] == [rows[Path(r["run"]).parent.name]["test_acc"] for r in table]
-    assert "| RigL | 0.2 | — |" in (tmp_path / "comparison.md").read_text()  # S_c of RigL: missing
+    for r in table:  # read back from the file: a median inside its range, and a flag for another budget
+        name = Path(r["run"]).parent.name
+        for key in ("latency_ms", "throughput", "speedup", "latency_speedup"):
+            assert float(r[f"{key}_min"]) <= float(r[key]) <= float(r[f"{key}_max"]), (name, key)
+        assert (int(r["epochs"]), int(r["optimizer_steps"]), int(r["images_seen"])) == BUDGETS[name]
+        # nm and dense share the most common budget; RigL and Chase saw twice their images
+        assert (r["budget_flag"], float(r["budget_ratio"])) == (("", 1.0) if name in ("nm", "dense") else ("unequal", 2.0))
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| RigL | 0.2 | — |" in md  # S_c of RigL: missing
+    assert "**Unequal training budgets**: 2 of 4 runs trained on another budget than the most common one " \
+           "(1 epochs, 3 optimizer steps, 48 images)" in md
+    assert "| 1 | 6 | 96 | **unequal** (2.00x images) |" in md
 
 
 def test_run_without_checkpoint_shows_missing_values(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -178,7 +193,7 @@ def test_bad_inputs_name_the_path(runs: Path, tmp_path: Path, capsys: pytest.Cap
     (stray / "readme.txt").write_text("not a run")
     with pytest.raises(NotARunError, match=r"'.*notes' is not a run directory: expected config.yaml and metrics.csv"):
         compare([str(runs / "rigl"), str(stray)], out=str(tmp_path / "out"))
-    with pytest.raises(NotARunError, match=r"It holds runs \(chase, nm, rigl, \.\.\.\): pass"):
+    with pytest.raises(NotARunError, match=r"It holds runs \(chase, dense, nm, \.\.\.\): pass"):
         compare([str(runs)], out=str(tmp_path / "out"))
     corrupt = tmp_path / "runs" / "corrupt" / "version_0"
     _copy_run(runs / "rigl" / "version_0", corrupt, "*.ckpt")
@@ -189,6 +204,29 @@ def test_bad_inputs_name_the_path(runs: Path, tmp_path: Path, capsys: pytest.Cap
     with pytest.raises(SystemExit) as exc:
         compare_cli([str(stray), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and f"'{stray}' is not a run directory" in capsys.readouterr().err
+
+
+def test_dense_against_itself_reads_one_within_its_range(runs: Path, tmp_path: Path) -> None:
+    """The dense run and the dense model of its architecture are the same network: every ratio of the two,
+    timed side by side, must straddle 1.0 (a bias between the two timing slots would not)."""
+    compare([str(runs / "dense")], out=str(tmp_path), reps=15, batch_size=16)
+    with (tmp_path / "comparison.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["method"] == "dense" and int(row["timing_reps"]) == 15
+    for key in ("speedup", "latency_speedup"):
+        low, median, high = (float(row[f"{key}{s}"]) for s in ("_min", "", "_max"))
+        assert low <= 1.0 <= high, (key, low, median, high)
+    md = (tmp_path / "comparison.md").read_text()
+    assert f"| {float(row['speedup']):.2f} ({float(row['speedup_min']):.2f}–{float(row['speedup_max']):.2f}) |" in md
+    assert "median (min–max) of 15 round-robin repetitions" in md
+
+
+def test_too_few_repetitions_is_refused(runs: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"reps must be an int >= 5 .* got reps=3; pass --no_timing"):
+        compare([str(runs / "dense")], out=str(tmp_path / "out"), reps=3)
+    assert not (tmp_path / "out").exists()
+    (row,) = compare([str(runs / "dense")], out=str(tmp_path / "out"), reps=1, timing=False)  # nothing timed
+    assert row["latency_ms"] is None and row["epochs"] == 1
 
 
 def test_wandb_offline_table_and_images(runs: Path, tmp_path: Path) -> None:
@@ -244,7 +282,7 @@ def test_digits_sweep_end_to_end(tmp_path: Path) -> None:
     sweep = _sweep_module()
     short = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     sweep.main(densities=[0.05], nm=["2to4"], seeds=[0, 1], out=str(tmp_path / "out"), workdir=str(tmp_path),
-               max_epochs=6, overrides=short, reps=1, jobs=2)
+               max_epochs=6, overrides=short, reps=5, jobs=2)
     with (tmp_path / "out" / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     # per seed: dense; SET, RigL, Chase, Chase prune skip, GMP at 0.05; SR-STE, STE, one-shot at 2:4

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from helpers.logs import capture_lightning_info, info_lines
 from helpers.sad import FakeMaskSource, digits_loader, topk_masks
 from helpers.training import fixed_loader
 from helpers.training import trainer as make_trainer
@@ -101,7 +102,8 @@ def test_mask_fn_must_return_bool(tiny_net: pl.LightningModule) -> None:
         tracker.collect_masks(tiny_net)
 
 
-def test_shape_change_resets_that_layer(tiny_net: pl.LightningModule) -> None:
+def test_shape_change_resets_that_layer(tiny_net: pl.LightningModule, caplog: pytest.LogCaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer slimmed mid-run (Chase) restarts its references; other layers keep theirs."""
     g = torch.Generator().manual_seed(0)
     masks = {"a": torch.rand(8, 4, generator=g) > 0.5, "b": torch.rand(6, generator=g) > 0.5}
@@ -112,8 +114,11 @@ def test_shape_change_resets_that_layer(tiny_net: pl.LightningModule) -> None:
     masks["a"] = masks["a"][:5].clone()  # 3 output channels removed
     masks["b"] = ~masks["b"]
     trainer.global_step = 1
-    with pytest.warns(UserWarning, match=r"mask of 'a' changed shape \(8, 4\) -> \(5, 4\) at step 1"):
-        tracker._run_measure(trainer, tiny_net)
+    capture_lightning_info(caplog, monkeypatch)
+    tracker._run_measure(trainer, tiny_net)
+    assert info_lines(caplog, "SADTracker: step") == [
+        "SADTracker: step 1: 1 mask(s) changed shape (channels removed), their initial/previous references restart "
+        "from the new masks: a (8, 4) -> (5, 4)."]
     h = tracker.history
     assert h["layer_sad"]["a"] == [0, 0] and h["layer_sad"]["b"] == [0, 6]
     assert h["resets"] == [[1, "a"]]
@@ -160,8 +165,7 @@ def test_with_chase_slimming_resets_and_channels(tiny_net: pl.LightningModule, t
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             snaps[trainer.global_step] = {k: v.clone() for k, v in chase.masks.items()}
 
-    with pytest.warns(UserWarning, match="changed shape"):
-        make_trainer(tmp_path, 18, [chase, tracker, Snap()], max_epochs=3).fit(tiny_net, fixed_loader())
+    make_trainer(tmp_path, 18, [chase, tracker, Snap()], max_epochs=3).fit(tiny_net, fixed_loader())
     h = tracker.history
     assert h["resets"], "slimming changes mask shapes"
     channels = h["channels"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -285,14 +285,12 @@ class SADTracker(pl.Callback):
 
     def _sync_references(self, packed: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], step: int) -> None:
         """Start references for new layers; reset layers whose shape changed; drop vanished layers."""
+        changed = []
         for name, bits in packed.items():
             if name not in self._prev:
                 self._init[name], self._prev[name] = bits, bits
             elif self._shapes.get(name) != shapes[name]:
-                rank_zero_warn(
-                    f"SADTracker: mask of {name!r} changed shape {self._shapes.get(name)} -> {shapes[name]} at "
-                    f"step {step}; its initial/previous references restart from the new mask."
-                )
+                changed.append(f"{name} {self._shapes.get(name)} -> {shapes[name]}")
                 self.history["resets"].append([step, name])
                 self._init[name], self._prev[name] = bits, bits
             elif self._init[name].device != bits.device:  # restored from a checkpoint (CPU)
@@ -300,6 +298,11 @@ class SADTracker(pl.Callback):
         for name in [n for n in self._prev if n not in packed]:
             del self._prev[name], self._init[name]
         self._shapes = dict(shapes)
+        if changed:  # one line per slimming, however many layers it reshaped
+            rank_zero_info(
+                f"SADTracker: step {step}: {len(changed)} mask(s) changed shape (channels removed), their "
+                f"initial/previous references restart from the new masks: {'; '.join(changed)}."
+            )
 
     def _record(
         self, step: int, step_sad: int, vs_init: int, total: int, global_density: float,

@@ -12,9 +12,11 @@ only in their seed) and four PNGs: ``acc_vs_density``, ``acc_vs_flops``, ``acc_v
 Per run: the method and its settings (density, S_c, N:M, mode, seed), the last val/test accuracy, the
 checkpoint's nonzero parameters, params and FLOPs of the deployable model (see
 :mod:`lightning_sparse.compare.measure`), its CPU latency (batch 1) and throughput (batch ``batch_size``)
-measured round-robin with the dense model of the same architecture, the fit wall-clock time (Lightning's
-``Timer`` state when the run had one, else the time between ``config.yaml`` and ``last.ckpt``), and the
-last SAD values. A value a run does not have is an empty cell, never a guess.
+as the median and range of ``reps`` (>= 5) repetitions measured round-robin with the dense model of the same
+architecture, the speedup as the median and range of the per-repetition ratios, the training budget (epochs,
+optimizer steps, images seen; runs whose budget differs from the most common one are flagged), the fit
+wall-clock time (Lightning's ``Timer`` state when the run had one, else the time between ``config.yaml`` and
+``last.ckpt``), and the last SAD values. A value a run does not have is an empty cell, never a guess.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Any
 
 import torch
 
-from lightning_sparse.compare.measure import arch_key, load_deployable, time_interleaved
-from lightning_sparse.compare.report import COLUMNS, FIGURES, log_wandb, save_figures, write_tables
+from lightning_sparse.compare.measure import MIN_REPS, arch_key, load_deployable, time_interleaved, timing_columns
+from lightning_sparse.compare.report import COLUMNS, FIGURES, flag_budgets, log_wandb, save_figures, write_tables
 from lightning_sparse.compare.runs import (
     NotARunError,
     Run,
@@ -37,6 +39,7 @@ from lightning_sparse.compare.runs import (
     read_run,
     resolve_runs,
     series,
+    train_budget,
     train_time,
 )
 from lightning_sparse.run import measure_costs
@@ -59,6 +62,7 @@ def collect(runs: list[Run], image_size: int | None = None, batch_size: int = 64
         row["sad_vs_init_norm"] = last_value(run.metrics, "sad/global_vs_init_norm")
         row["sad_cumulative"] = last_value(run.metrics, "sad/cumulative")
         row["train_time_s"], row["train_time_from"] = train_time(run)
+        row.update(train_budget(run))
         row["checkpoint"] = run.checkpoint.name if run.checkpoint else None
         if run.checkpoint is not None:
             dep = load_deployable(run, image_size)
@@ -74,12 +78,10 @@ def collect(runs: list[Run], image_size: int | None = None, batch_size: int = 64
     if models:
         times = time_interleaved(models, shapes, batch_size=batch_size, reps=reps)
         for (owner, t) in zip(owners, times):
-            if owner is None:
-                continue
-            i, key = owner
-            ref = times[dense_refs[key]]
-            rows[i].update(latency_ms=t["latency_ms"], throughput=t["throughput"], dense_latency_ms=ref["latency_ms"],
-                           dense_throughput=ref["throughput"], speedup=t["throughput"] / ref["throughput"])
+            if owner is not None:
+                i, key = owner
+                rows[i].update(timing_columns(t, times[dense_refs[key]], batch_size))
+    flag_budgets(rows)
     return rows
 
 
@@ -93,7 +95,8 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
         wandb: also log the table and figures to W&B (offline unless ``WANDB_MODE`` says otherwise).
         image_size: input resolution for FLOPs and timing; default each run's ``data.init_args.image_size``.
         batch_size: batch size of the throughput measurement (latency uses batch 1).
-        reps: timed repetitions per model (median); every repetition runs every model once, round-robin.
+        reps: timed repetitions per model (at least 5; median and range); every repetition runs every model
+            once, round-robin.
         timing: measure CPU latency/throughput (off: those columns stay empty).
         threads: ``torch.set_num_threads`` for the timing (default: torch's); 1 gives steadier ratios on a
             machine that other jobs share.
@@ -102,9 +105,12 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
         The table rows (column -> value, None where a run lacks it).
 
     Raises:
-        ValueError: no runs, or a pattern that matches nothing.
+        ValueError: no runs, a pattern that matches nothing, or ``reps`` < 5 with timing on.
         NotARunError: a path that is not a run directory (the message names it).
     """
+    if timing and (isinstance(reps, bool) or not isinstance(reps, int) or reps < MIN_REPS):
+        raise ValueError(f"reps must be an int >= {MIN_REPS} (timings are the median and range over the repetitions), "
+                         f"got reps={reps!r}; pass --no_timing to skip the timing.")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got threads={threads}.")
@@ -119,8 +125,8 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
     out_dir.mkdir(parents=True, exist_ok=True)
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     timed = (f"CPU, {torch.get_num_threads()} thread(s), latency at batch 1 and throughput at batch {batch_size}, "
-             f"median of {reps} round-robin repetitions next to the dense model of the same architecture "
-             f"(load average {load})") if timing else "off"
+             f"median (min–max) of {reps} round-robin repetitions next to the dense model of the same architecture, "
+             f"speedup = median (min–max) of the per-repetition ratios (load average {load})") if timing else "off"
     header = (
         f"# Comparison of {len(rows)} runs\n\n"
         f"`python -m lightning_sparse.compare` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; timing: {timed}. "

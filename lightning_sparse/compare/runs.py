@@ -18,7 +18,8 @@ import yaml
 
 from lightning_sparse.run.resolve import resolve_class
 
-__all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series"]
+__all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series", "train_budget",
+           "train_time"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -243,3 +244,54 @@ def train_time(run: Run) -> tuple[float | None, str | None]:
                 return float(elapsed), "Timer"
     seconds = run.last_checkpoint.stat().st_mtime - (run.path / "config.yaml").stat().st_mtime
     return (seconds, "file times") if seconds > 0 else (None, None)
+
+
+def _world_size(config: dict[str, Any]) -> int | None:
+    """Training processes of a run from its ``trainer`` section (devices x nodes), None where the config does
+    not say (``devices: auto`` on an accelerator other than the CPU)."""
+    trainer = config.get("trainer") or {}
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif devices in ("auto", None) and str(trainer.get("accelerator", "auto")) == "cpu":
+        devices = 1
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
+def train_budget(run: Run) -> dict[str, Any]:
+    """What fit spent, from Lightning's loop state in ``last.ckpt``: ``epochs`` (whole epochs trained),
+    ``optimizer_steps`` (``global_step``), ``train_batches`` (per process) and ``images_seen`` (train batches x
+    ``data.init_args.batch_size`` x processes; the train loaders drop their last partial batch). A value the
+    run does not hold (no ``last.ckpt``, no batch size in its config, an unknown number of processes) is None.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> loops = {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": 60}, "is_last_batch": True}}}
+        >>> torch.save({"epoch": 2, "global_step": 30, "loops": loops}, d / "last.ckpt")
+        >>> config = {"trainer": {"devices": 1}, "data": {"init_args": {"batch_size": 32}}}
+        >>> budget = train_budget(Run(d, config, [], None, d / "last.ckpt"))
+        >>> budget["epochs"], budget["optimizer_steps"], budget["images_seen"]
+        (3, 30, 1920)
+    """
+    out: dict[str, Any] = {"epochs": None, "optimizer_steps": None, "train_batches": None, "images_seen": None}
+    if run.last_checkpoint is None:
+        return out
+    state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    progress = ((state.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
+    if "epoch" in state:  # saved at the end of an epoch: that epoch counts; mid-epoch: the whole ones before it
+        out["epochs"] = int(state["epoch"]) + (1 if progress.get("is_last_batch") else 0)
+    if "global_step" in state:
+        out["optimizer_steps"] = int(state["global_step"])
+    batches = (progress.get("total") or {}).get("completed")
+    batch_size = ((run.config.get("data") or {}).get("init_args") or {}).get("batch_size")
+    world = _world_size(run.config)
+    if isinstance(batches, int):
+        out["train_batches"] = batches
+        if isinstance(batch_size, int) and world is not None:
+            out["images_seen"] = batches * batch_size * world
+    return out

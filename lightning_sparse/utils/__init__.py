@@ -6,6 +6,8 @@ Nothing here imports another ``lightning_sparse`` package.
 * ``inputs.py`` — :func:`example_inputs`, :func:`default_inputs`.
 * ``modules.py`` — :func:`eval_mode`, :func:`first_conv`, :func:`device_inputs`.
 * ``tables.py`` — :func:`text_table`.
+* ``fold.py`` — :func:`fold_batchnorm`: eval-mode BatchNorm folded into the preceding convs (export and
+  compare time the folded network).
 """
 
 from lightning_sparse.utils.inputs import default_inputs, example_inputs

@@ -20,7 +20,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,10 +32,16 @@ HOST_BOUND_FRACTION = 0.8
 
 @dataclass(frozen=True)
 class Timing:
-    """Medians over the timed runs of one function (milliseconds)."""
+    """Medians over the timed runs of one function (milliseconds).
+
+    ``host_runs`` holds the host time of every timed run in round order (round ``r`` of every function
+    returned by one :func:`interleaved_times` call ran in the same pass), so per-round ratios between two
+    functions pair measurements taken side by side.
+    """
 
     event_ms: float
     host_ms: float
+    host_runs: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def host_bound(self) -> bool:
@@ -54,8 +60,8 @@ def interleaved_times(
 
     Example:
         >>> t = interleaved_times([lambda: sum(range(1000)), lambda: sum(range(10))], 1, 3, "cpu")
-        >>> t[0].event_ms == t[0].host_ms and t[0].event_ms > 0
-        True
+        >>> t[0].event_ms == t[0].host_ms and t[0].event_ms > 0, len(t[0].host_runs)
+        (True, 3)
     """
     if runs < 1:
         raise ValueError(f"`runs` must be >= 1, got runs={runs!r}.")
@@ -95,9 +101,9 @@ def interleaved_times(
                 host[i].append((time.perf_counter() - t0) * 1e3)
         sync()
     if not cuda:
-        return [Timing(statistics.median(h), statistics.median(h)) for h in host]
+        return [Timing(statistics.median(h), statistics.median(h), tuple(h)) for h in host]
     return [
-        Timing(statistics.median(s.elapsed_time(e) for s, e in ev), statistics.median(h))
+        Timing(statistics.median(s.elapsed_time(e) for s, e in ev), statistics.median(h), tuple(h))
         for ev, h in zip(events, host)
     ]
 
