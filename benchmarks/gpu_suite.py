@@ -128,6 +128,21 @@ class BudgetExceeded(Exception):
     """The suite's wall-clock budget ran out while a row was running."""
 
 
+class Skip(Exception):
+    """A row that cannot run here (its message is the reason); recorded as skipped, not failed."""
+
+
+@dataclass
+class Task:
+    """One row group of a section. Tasks run by ``priority`` (goal rows first), then in section order."""
+
+    priority: int
+    section: str
+    what: str
+    cost: str
+    fn: Callable[[], None]
+
+
 class Budget:
     """Wall-clock budget: ``fits`` before a row, a timer that interrupts a row that overruns."""
 
@@ -177,6 +192,8 @@ class Suite:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     chase: dict[str, Any] = field(default_factory=dict)
+    walls: list[dict[str, Any]] = field(default_factory=list)  # estimate vs wall per row: recalibrates ESTIMATE_FULL
+    finalizers: list[Callable[[], None]] = field(default_factory=list)  # run after every row (output checks)
 
     @property
     def cuda(self) -> bool:
@@ -193,10 +210,14 @@ class Suite:
             self.skip(section, what, reason)
             return False
         print(f"[{section}] {what} ...", flush=True)
+        t0 = time.monotonic()
         try:
             with self.budget.guard():
                 fn()
         except BudgetExceeded as err:
+            self.skip(section, what, str(err))
+            return False
+        except Skip as err:
             self.skip(section, what, str(err))
             return False
         except Exception as err:
@@ -204,6 +225,9 @@ class Suite:
             if self.args.raise_errors:
                 raise
             return False
+        finally:
+            self.walls.append({"section": section, "what": what, "estimate_s": self.estimates[cost],
+                               "wall_s": round(time.monotonic() - t0, 1)})
         return True
 
     def sync(self) -> None:
@@ -222,44 +246,41 @@ def has_torch_pruning() -> str | None:
 
 
 # --------------------------------------------------------------------------------------- Chase slim models
+def _chase_speed() -> Any:
+    """``benchmarks/chase_speed.py``, for its Chase proxy (random ERK masks, UMM scores, the cubic schedule with
+    floors, then :func:`~lightning_sparse.slim.slim_model` with a logits check)."""
+    if "_gpu_suite_chase_speed" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_gpu_suite_chase_speed", HERE / "chase_speed.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_gpu_suite_chase_speed"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_gpu_suite_chase_speed"]
+
+
 def chase_models(suite: Suite) -> None:
-    """Dense and Chase-slimmed copies of the CNN (plain S_c 0.4; prune skip at ~0.5x FLOPs), shared by a and b."""
+    """Dense and Chase-slimmed copies of the CNN (plain S_c 0.4; prune skip at ~0.5x FLOPs), shared by a and b.
+
+    The prune-skip S_c is bisected as ``chase_speed.sc_for_flops`` does (``sizes.sc_bisect_steps`` steps).
+    """
     import timm
 
-    sys.path.insert(0, str(HERE))
-    from chase_speed import sc_for_flops, slim_proxy
-
+    slim_proxy = _chase_speed().slim_proxy
     s = suite.sizes
     ns = argparse.Namespace(seed=17, density=0.1, score="umm", beta=0.2, schedule_steps=8, round_to=8, size=s.cnn_px)
     torch.manual_seed(0)
     dense = timm.create_model(s.cnn, pretrained=False, num_classes=s.num_classes).eval()
     plain, plain_ratio = slim_proxy(dense, 0.4, ns, residual=False)
-    search = copy.copy(ns)
-    bisect = _short_bisection(sc_for_flops, s.sc_bisect_steps)
-    sc_skip = bisect(dense, 0.5, search, True)
+    lo, hi = 0.1, 0.8
+    for _ in range(s.sc_bisect_steps):
+        mid = round((lo + hi) / 2, 3)
+        _, ratio = slim_proxy(dense, mid, ns, residual=True)
+        lo, hi = (mid, hi) if ratio > 0.5 else (lo, mid)
+    sc_skip = round((lo + hi) / 2, 2)
     skip, skip_ratio = slim_proxy(dense, sc_skip, ns, residual=True)
     suite.chase = {"dense": dense, "plain": plain, "skip": skip,
                    "meta": {"plain": {"S_c": 0.4, "flops_ratio": round(plain_ratio, 4)},
                             "skip": {"S_c": sc_skip, "flops_ratio": round(skip_ratio, 4)}}}
     print(f"    Chase slim models: plain S_c 0.4 FLOPs {plain_ratio:.3f}; prune skip S_c {sc_skip} FLOPs {skip_ratio:.3f}")
-
-
-def _short_bisection(sc_for_flops: Callable[..., float], steps: int) -> Callable[..., float]:
-    """``chase_speed.sc_for_flops`` runs 6 bisection steps; at toy size fewer are enough."""
-    if steps >= 6:
-        return sc_for_flops
-
-    def bisect(dense: nn.Module, target: float, args: argparse.Namespace, residual: bool) -> float:
-        from chase_speed import slim_proxy
-
-        lo, hi = 0.1, 0.8
-        for _ in range(steps):
-            mid = round((lo + hi) / 2, 3)
-            _, ratio = slim_proxy(dense, mid, args, residual)
-            lo, hi = (mid, hi) if ratio > target else (lo, mid)
-        return round((lo + hi) / 2, 2)
-
-    return bisect
 
 
 # ------------------------------------------------------------------------------------ a. training step
@@ -467,8 +488,9 @@ def _step_cost(suite: Suite, arm: Arm, batch_size: int) -> dict[str, Any]:
     return out
 
 
-def section_a(suite: Suite) -> None:
-    from lightning_sparse.callbacks import Chase, DynamicSparsity, NMSparsity
+def section_a(suite: Suite) -> list[Task]:
+    """The two training-step tasks (ResNet arms with Chase where its slim models exist; ViT arms)."""
+    from lightning_sparse.callbacks import DynamicSparsity, NMSparsity  # Chase (Torch-Pruning) only where it runs
     from lightning_sparse.models import ImageClassifier
 
     s = suite.sizes
@@ -488,32 +510,37 @@ def section_a(suite: Suite) -> None:
         return DynamicSparsity(density=0.1, update_interval=k, stop_step=10**9, growth="gradient", log_per_layer=False)
 
     def chase(sc: float, residual: bool) -> Callable[[], Any]:
+        from lightning_sparse.callbacks import Chase
+
         return lambda: Chase(density=0.1, channel_sparsity=sc, residual_channels=residual, update_interval=k,
                              stop_gmp_epochs=10, stop_dst_epochs=1, channel_interval_epochs=10, slim="never",
                              input_shape=(3, s.cnn_px, s.cnn_px), log_per_layer=False)
 
-    arms = [Arm("dense", classifier(s.cnn, s.cnn_px)),
-            Arm("DynamicSparsity (RigL)", classifier(s.cnn, s.cnn_px), rigl, "rigl"),
-            Arm("NMSparsity SR-STE 2:4", classifier(s.cnn, s.cnn_px), NMSparsity)]
-    no_tp = has_torch_pruning()
-    if no_tp is not None:
-        suite.skip("a", f"{s.cnn} Chase (before and after slimming)", no_tp)
-    elif not suite.chase:
-        suite.skip("a", f"{s.cnn} Chase (before and after slimming)", "the Chase slim models were not built (see above)")
-    else:
+    def cnn_arms() -> list[Arm]:  # built when the task runs: the Chase slim models come from the prep task
+        arms = [Arm("dense", classifier(s.cnn, s.cnn_px)),
+                Arm("DynamicSparsity (RigL)", classifier(s.cnn, s.cnn_px), rigl, "rigl"),
+                Arm("NMSparsity SR-STE 2:4", classifier(s.cnn, s.cnn_px), NMSparsity)]
+        no_tp = has_torch_pruning()
+        if no_tp is not None:
+            suite.skip("a", f"{s.cnn} Chase (before and after slimming)", no_tp)
+            return arms
+        if not suite.chase:
+            suite.skip("a", f"{s.cnn} Chase (before and after slimming)", "the Chase slim models were not built (see above)")
+            return arms
         meta = suite.chase["meta"]
-        arms += [Arm("Chase before slimming", classifier(s.cnn, s.cnn_px), chase(0.4, False), "chase"),
+        return arms + [Arm("Chase before slimming", classifier(s.cnn, s.cnn_px), chase(0.4, False), "chase"),
                  Arm(f"Chase slim S_c {meta['plain']['S_c']}", classifier(s.cnn, s.cnn_px, suite.chase["plain"]),
                      chase(0.0, False), "chase", meta["plain"]["flops_ratio"]),
                  Arm(f"Chase slim prune skip S_c {meta['skip']['S_c']}", classifier(s.cnn, s.cnn_px, suite.chase["skip"]),
                      chase(0.0, True), "chase", meta["skip"]["flops_ratio"])]
-    suite.run("a", f"training step {s.cnn} {s.cnn_px}px batch {s.cnn_batch}", "train_resnet",
-              lambda: run_arms(suite, s.cnn, arms, s.cnn_batch, s.cnn_px))
+
     vit_arms = [Arm("dense", classifier(s.vit, s.vit_px)),
                 Arm("NMSparsity SR-STE 2:4", classifier(s.vit, s.vit_px), NMSparsity),
                 Arm("DynamicSparsity (RigL)", classifier(s.vit, s.vit_px), rigl, "rigl")]
-    suite.run("a", f"training step {s.vit} batch {s.vit_batch}", "train_vit",
-              lambda: run_arms(suite, s.vit, vit_arms, s.vit_batch, s.vit_px))
+    return [Task(1, "a", f"training step {s.cnn} {s.cnn_px}px batch {s.cnn_batch}", "train_resnet",
+                 lambda: run_arms(suite, s.cnn, cnn_arms(), s.cnn_batch, s.cnn_px)),
+            Task(1, "a", f"training step {s.vit} batch {s.vit_batch}", "train_vit",
+                 lambda: run_arms(suite, s.vit, vit_arms, s.vit_batch, s.vit_px))]
 
 
 # ----------------------------------------------------------------------------------- b. Chase inference
@@ -544,8 +571,13 @@ def _inference_runner(model: nn.Module, x: torch.Tensor, runner: str, suite: Sui
     return cuda_graph(run, suite.device) if runner == "cuda-graph" else run
 
 
-def section_b(suite: Suite) -> None:
-    from lightning_sparse.export import fold_batchnorm
+# priority of each (dtype, runner): the goal row (fp16 compile) and the plain fp16 rows first
+B_PRIORITY = {("float16", "eager"): 1, ("float16", "compile"): 1, ("float16", "cuda-graph"): 2, ("bfloat16", "eager"): 2,
+              ("float32", "eager"): 2}
+
+
+def section_b(suite: Suite) -> list[Task]:
+    """One task per (dtype, runner), dense / plain / prune skip interleaved; outputs checked after every row ran."""
     from lightning_sparse.utils import interleaved_times
 
     s = suite.sizes
@@ -558,94 +590,122 @@ def section_b(suite: Suite) -> None:
         suite.skip("b", "float16 and bfloat16", "timed on the GPU only (a CPU run checks the fp32 paths)")
     gen = torch.Generator().manual_seed(1)
     x_cpu = torch.randn(s.infer_batch, 3, s.cnn_px, s.cnn_px, generator=gen)
-    folded = {k: fold_batchnorm(suite.chase[k], x_cpu[:1], strict=False).eval() for k in ("dense", "plain", "skip")}
-    with torch.inference_mode():
-        refs = {k: m(x_cpu[:CHECK_SAMPLES]) for k, m in folded.items()}
+    state: dict[str, Any] = {}
     fns: dict[tuple[str, str, str], Callable[[], torch.Tensor]] = {}
-    torch.backends.cudnn.benchmark = True
-    for dtype in dtypes:
-        for runner in runners:
-            cost = "infer_compile" if runner == "compile" else "infer_eager"
 
-            def measure(dtype: str = dtype, runner: str = runner) -> None:
-                x = x_cpu.to(suite.device, DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
-                batch = {}
-                for key, m in folded.items():
-                    dev_model = copy.deepcopy(m).to(suite.device, DTYPES[dtype]).to(memory_format=torch.channels_last)
-                    batch[(dtype, runner, key)] = _inference_runner(dev_model, x, runner, suite)
-                times = interleaved_times(list(batch.values()), s.warmup, s.reps, suite.device)
-                fns.update(batch)
-                ms = {key[2]: (t.event_ms if suite.cuda else t.host_ms) for key, t in zip(batch, times)}
-                host = {key[2]: t.host_bound for key, t in zip(batch, times)}
-                for key in ("dense", "plain", "skip"):
-                    meta = suite.chase["meta"].get(key, {"S_c": 0.0, "flops_ratio": 1.0})
-                    suite.rows["b"].append({"variant": key, "S_c": meta["S_c"], "flops_ratio": meta["flops_ratio"],
-                                            "dtype": dtype, "runner": runner, "batch": s.infer_batch, "ms": round(ms[key], 4),
-                                            "speedup": round(ms["dense"] / ms[key], 4),
-                                            "host_bound": bool(host[key]) if suite.cuda else None})
-                print(f"    {dtype:9s} {runner:10s} dense {ms['dense']:8.2f} ms  plain {ms['dense'] / ms['plain']:.2f}x  "
-                      f"prune skip {ms['dense'] / ms['skip']:.2f}x", flush=True)
+    def folded() -> dict[str, nn.Module]:
+        """BN-folded dense / plain / prune-skip models and their CPU fp32 outputs (once, after the prep task)."""
+        if not suite.chase:
+            raise Skip(has_torch_pruning() or "the Chase slim models were not built (see above)")
+        if "folded" not in state:
+            from lightning_sparse.export import fold_batchnorm
 
-            suite.run("b", f"Chase inference {dtype} {runner}", cost, measure)
-    # every runner's output, checked against the CPU fp32 model once all models have run (latest first)
-    for (dtype, runner, key), fn in reversed(list(fns.items())):
-        out = fn()
-        out = out.clone() if isinstance(out, torch.Tensor) else out
-        suite.sync()
-        err = _max_rel_err(out[:CHECK_SAMPLES], refs[key])
-        ok = err <= TOLERANCE[dtype]
-        for row in suite.rows["b"]:
-            if (row["dtype"], row["runner"], row["variant"]) == (dtype, runner, key):
-                row |= {"max_rel_err": err, "tolerance": TOLERANCE[dtype], "output_ok": ok}
-        if not ok:
-            print(f"    OUTPUT MISMATCH {dtype} {runner} {key}: max rel err {err:.2e} > {TOLERANCE[dtype]:.0e}", flush=True)
+            state["folded"] = {k: fold_batchnorm(suite.chase[k], x_cpu[:1], strict=False).eval()
+                               for k in ("dense", "plain", "skip")}
+            with torch.inference_mode():
+                state["refs"] = {k: m(x_cpu[:CHECK_SAMPLES]) for k, m in state["folded"].items()}
+        return state["folded"]
+
+    def measure(dtype: str, runner: str) -> None:
+        torch.backends.cudnn.benchmark = True
+        x = x_cpu.to(suite.device, DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
+        batch = {}
+        for key, m in folded().items():
+            dev_model = copy.deepcopy(m).to(suite.device, DTYPES[dtype]).to(memory_format=torch.channels_last)
+            batch[(dtype, runner, key)] = _inference_runner(dev_model, x, runner, suite)
+        times = interleaved_times(list(batch.values()), s.warmup, s.reps, suite.device)
+        fns.update(batch)
+        ms = {key[2]: (t.event_ms if suite.cuda else t.host_ms) for key, t in zip(batch, times)}
+        host = {key[2]: t.host_bound for key, t in zip(batch, times)}
+        for key in ("dense", "plain", "skip"):
+            meta = suite.chase["meta"].get(key, {"S_c": 0.0, "flops_ratio": 1.0})
+            suite.rows["b"].append({"variant": key, "S_c": meta["S_c"], "flops_ratio": meta["flops_ratio"],
+                                    "dtype": dtype, "runner": runner, "batch": s.infer_batch, "ms": round(ms[key], 4),
+                                    "speedup": round(ms["dense"] / ms[key], 4),
+                                    "host_bound": bool(host[key]) if suite.cuda else None})
+        print(f"    {dtype:9s} {runner:10s} dense {ms['dense']:8.2f} ms  plain {ms['dense'] / ms['plain']:.2f}x  "
+              f"prune skip {ms['dense'] / ms['skip']:.2f}x", flush=True)
+
+    def check_outputs() -> None:
+        """Every runner's output against the CPU fp32 model, once every row of the suite has run (latest first)."""
+        for (dtype, runner, key), fn in reversed(list(fns.items())):
+            out = fn()
+            out = out.clone() if isinstance(out, torch.Tensor) else out
+            suite.sync()
+            err = _max_rel_err(out[:CHECK_SAMPLES], state["refs"][key])
+            ok = err <= TOLERANCE[dtype]
+            for row in suite.rows["b"]:
+                if (row["dtype"], row["runner"], row["variant"]) == (dtype, runner, key):
+                    row |= {"max_rel_err": err, "tolerance": TOLERANCE[dtype], "output_ok": ok}
+            if not ok:
+                print(f"    OUTPUT MISMATCH {dtype} {runner} {key}: max rel err {err:.2e} > {TOLERANCE[dtype]:.0e}", flush=True)
+
+    suite.finalizers.append(check_outputs)
+    return [Task(B_PRIORITY.get((dtype, runner), 3), "b", f"Chase inference {dtype} {runner}",
+                 "infer_compile" if runner == "compile" else "infer_eager",
+                 lambda dtype=dtype, runner=runner: measure(dtype, runner))
+            for dtype in dtypes for runner in runners]
 
 
 # ---------------------------------------------------------------------------------------- c. 2:4 e2e
-def section_c(suite: Suite) -> None:
+def _c_priority(name: str, dtype: str, runner: str, layers: str, search: bool) -> int:
+    """The goal row (MLP only, compile, fp16; ViT-L before the others) first; plain fp16 eager rows next."""
+    if (dtype, runner, layers, search) == ("float16", "compile", "mlp", False):
+        return 1 if "large" in name else 2
+    if dtype == "float16" and runner == "eager" and not search:
+        return 2
+    return 3
+
+
+def section_c(suite: Suite) -> list[Task]:
+    """One task per (model, dtype, runner, layers, search); models are built when their first row runs."""
     import timm
 
-    from lightning_sparse.semi_structured import (
-        benchmark_semi_structured,
-        semi_structured_eligibility,
-        skip_reason,
-    )
+    from lightning_sparse.semi_structured import benchmark_semi_structured, semi_structured_eligibility, skip_reason
 
     s = suite.sizes
     reason = skip_reason(None, "float16", "cusparselt", suite.device if suite.cuda else None)
+    models: dict[str, nn.Module] = {}
+
+    def model_of(name: str) -> nn.Module:
+        if name not in models:
+            kwargs = {"img_size": s.vit24_px} if s.vit24_px != 224 else {}
+            models[name] = timm.create_model(name, pretrained=False, num_classes=s.num_classes, **kwargs).eval()
+            rows = semi_structured_eligibility(models[name], "float16", "cusparselt")
+            eligible = [r.name for r in rows if r.eligible]
+            mlp = [n for n in eligible if n.endswith((".mlp.fc1", ".mlp.fc2"))]
+            print(f"    {name}: {len(eligible)} eligible linears, {len(mlp)} of them MLP", flush=True)
+        return models[name]
+
+    def measure(name: str, dtype: str, runner: str, layers: str, search: bool, what: str) -> None:
+        rep = benchmark_semi_structured(
+            model_of(name), (3, s.vit24_px, s.vit24_px), dtype, "cusparselt", batch_size=s.batch_24, warmup=5,
+            runs=s.runs_24, layers=False, device=suite.device, runner=runner, search=search,
+            include=MLP_ONLY if layers == "mlp" else None)
+        suite.rows["c"].append({"model": name, "dtype": dtype, "runner": runner, "layers": layers,
+                                "search": search, "batch": s.batch_24, "converted": len(rep.converted),
+                                "dense_ms": round(rep.dense_ms, 4), "sparse_ms": round(rep.sparse_ms, 4),
+                                "speedup": round(rep.speedup_e2e, 4), "parity_ok": bool(rep.parity_ok),
+                                "parity_max_rel_err": rep.parity_max_rel_err, "host_bound": bool(rep.host_bound)})
+        print(f"    {what}: {rep.speedup_e2e:.2f}x (dense {rep.dense_ms:.2f} ms)", flush=True)
+        torch.cuda.empty_cache()
+
+    tasks = []
     for name in s.vits_24:
-        kwargs = {"img_size": s.vit24_px} if s.vit24_px != 224 else {}
-        model = timm.create_model(name, pretrained=False, num_classes=s.num_classes, **kwargs).eval()
-        rows = semi_structured_eligibility(model, "float16", "cusparselt")
-        eligible = [r.name for r in rows if r.eligible]
-        mlp = [n for n in eligible if n.endswith((".mlp.fc1", ".mlp.fc2"))]
-        print(f"    {name}: {len(eligible)} eligible linears, {len(mlp)} of them MLP", flush=True)
         if reason is not None:
+            model_of(name)  # the eligibility (all linears vs MLP only) is still computed and printed
             suite.skip("c", f"2:4 {name} (all rows)", reason)
             continue
-        # the goal rows first: MLP only with compile, then eager, then all linears, then the search variants
-        combos = [(dt_, runner, layers, search)
-                  for search in (False, True) for layers in ("mlp", "all")
-                  for runner in ("compile", "eager") for dt_ in ("float16", "bfloat16")]
-        for dtype, runner, layers, search in combos:
-            what = f"2:4 {name} {dtype} {runner} {'MLP only' if layers == 'mlp' else 'all linears'}"
-            what += " --search" if search else ""
-
-            def measure(dtype: str = dtype, runner: str = runner, layers: str = layers, search: bool = search,
-                        model: nn.Module = model, name: str = name, what: str = what) -> None:
-                rep = benchmark_semi_structured(
-                    model, (3, s.vit24_px, s.vit24_px), dtype, "cusparselt", batch_size=s.batch_24, warmup=5,
-                    runs=s.runs_24, layers=False, device=suite.device, runner=runner, search=search,
-                    include=MLP_ONLY if layers == "mlp" else None)
-                suite.rows["c"].append({"model": name, "dtype": dtype, "runner": runner, "layers": layers,
-                                        "search": search, "batch": s.batch_24, "converted": len(rep.converted),
-                                        "dense_ms": round(rep.dense_ms, 4), "sparse_ms": round(rep.sparse_ms, 4),
-                                        "speedup": round(rep.speedup_e2e, 4), "parity_ok": bool(rep.parity_ok),
-                                        "parity_max_rel_err": rep.parity_max_rel_err, "host_bound": bool(rep.host_bound)})
-                print(f"    {what}: {rep.speedup_e2e:.2f}x (dense {rep.dense_ms:.2f} ms)", flush=True)
-                torch.cuda.empty_cache()
-
-            suite.run("c", what, "24_compile" if runner == "compile" else "24_eager", measure)
+        for search in (False, True):
+            for layers in ("mlp", "all"):
+                for runner in ("compile", "eager"):
+                    for dtype in ("float16", "bfloat16"):
+                        what = (f"2:4 {name} {dtype} {runner} {'MLP only' if layers == 'mlp' else 'all linears'}"
+                                + (" --search" if search else ""))
+                        tasks.append(Task(_c_priority(name, dtype, runner, layers, search), "c", what,
+                                          "24_compile" if runner == "compile" else "24_eager",
+                                          lambda a=(name, dtype, runner, layers, search, what): measure(*a)))
+    return tasks
 
 
 # --------------------------------------------------------------------------------------- d. pytest -m gpu
@@ -654,13 +714,14 @@ def gpu_test_files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if GPU_TEST_MARK in p.read_text())
 
 
-def section_d(suite: Suite) -> None:
+def section_d(suite: Suite) -> list[Task]:
+    """``pytest -m gpu`` in a subprocess, last, in the time kept for it."""
     files = gpu_test_files()
     if not suite.cuda:
         suite.skip("d", "pytest -m gpu", "GPU tests need a CUDA device (a CPU run only lists the files: "
                    + ", ".join(files) + ")")
         suite.rows["d"].append({"files": files, "rc": None, "summary": "not run (no CUDA device)"})
-        return
+        return []
 
     def run() -> None:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files]
@@ -668,17 +729,18 @@ def section_d(suite: Suite) -> None:
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=max(5.0, suite.budget.left(for_last=True)))
+                                  timeout=max(5.0, suite.budget.left(for_last=True) - 3))
             rc, out = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, out = "timeout", (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
         lines = [ln for ln in out.splitlines() if ln.strip()]
-        summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", ln)), lines[-1:] or "")
-        suite.rows["d"].append({"files": files, "rc": rc, "summary": summary if isinstance(summary, str) else "",
+        summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", ln)),
+                       lines[-1] if lines else "")
+        suite.rows["d"].append({"files": files, "rc": rc, "summary": summary,
                                 "wall_s": round(time.monotonic() - t0, 1), "tail": lines[-25:]})
         print(f"    pytest -m gpu: exit {rc}: {summary}", flush=True)
 
-    suite.run("d", "pytest -m gpu", "pytest", run, for_last=True)
+    return [Task(9, "d", "pytest -m gpu", "pytest", run)]
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -856,33 +918,35 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(device)
     print(f"GPU suite on {info['gpu']}, torch {info['torch']}, budget {args.budget_s:.0f} s"
           + (" (tiny)" if args.tiny else ""), flush=True)
+    tasks: list[Task] = []
     if any(sec in args.sections for sec in "ab"):
         no_tp = has_torch_pruning()
-        if no_tp is not None:
+        if no_tp is None:
+            tasks.append(Task(0, "a", f"Chase slim models of {sizes.cnn}", "prep", lambda: chase_models(suite)))
+        elif "b" in args.sections:
             suite.skip("b", "Chase inference (all rows)", no_tp)
-        else:
-            suite.run("a", f"Chase slim models of {sizes.cnn}", "prep", lambda: chase_models(suite))
-    for sec, fn in (("a", section_a), ("b", section_b), ("c", section_c), ("d", section_d)):
-        if sec not in args.sections:
+    for sec, make in (("a", section_a), ("b", section_b), ("c", section_c), ("d", section_d)):
+        if sec not in args.sections or (sec == "b" and has_torch_pruning() is not None):
             continue
-        if sec == "b" and not suite.chase:
-            if has_torch_pruning() is None:
-                suite.skip("b", "Chase inference (all rows)", "the Chase slim models were not built (see above)")
-            continue
-        print(f"== section {sec}", flush=True)
         try:
-            fn(suite)
-        except Exception as err:
+            tasks += make(suite)
+        except Exception as err:  # a section that cannot even list its rows is reported, not fatal
             suite.skip(sec, f"section {sec}", f"FAILED: {type(err).__name__}: {err}")
             if args.raise_errors:
                 raise
+    for task in sorted((t for t in tasks if t.section != "d"), key=lambda t: (t.priority, "abc".index(t.section))):
+        suite.run(task.section, task.what, task.cost, task.fn)  # goal rows first; within a priority, section order
+    for finalize in suite.finalizers:  # output checks, once every model has run
+        finalize()
+    for task in (t for t in tasks if t.section == "d"):  # last, in the time kept for it
+        suite.run(task.section, task.what, task.cost, task.fn, for_last=True)
     if "b" in args.sections and suite.cuda:
         suite.notes.append("cuda-graph runner: lightning_sparse.utils.cuda_graph keeps the captured function (weights, "
                            "input) alive; its outputs are checked against the CPU fp32 model after all other models ran.")
     report = {"machine": info, "tiny": args.tiny, "device": str(device), "budget_s": args.budget_s,
               "wall_s": round(time.monotonic() - suite.budget.t0, 1), "sections": args.sections,
               "command": "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": suite.rows, "skipped": suite.skipped, "notes": suite.notes}
+              "rows": suite.rows, "skipped": suite.skipped, "notes": suite.notes, "walls": suite.walls}
     report["command"] = report["command"].strip()
     report["goals"] = goals(report)
     folder = report_dir(args.out, info)
