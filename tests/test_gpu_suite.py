@@ -172,6 +172,19 @@ def test_a_row_that_overruns_is_stopped_at_the_budget():
     assert time.monotonic() - t0 < 3
     assert suite.skipped == [{"section": "a", "what": "a slow row", "reason": "stopped at the time budget (--budget-s 0)"}]
 
+    def wrapped():  # torch.compile re-raises what interrupted it wrapped in its own exception
+        try:
+            raise gpu_suite.BudgetExceeded("stopped")
+        except gpu_suite.BudgetExceeded as err:
+            raise RuntimeError("backend compiler failed") from err
+
+    suite.budget = gpu_suite.Budget(60.0, 0.0)
+    assert suite.run("b", "a compile row", "x", wrapped) is False
+    assert suite.skipped[-1]["reason"] == "stopped at the time budget (--budget-s 60)"
+    assert suite.run("b", "a broken row", "x", lambda: 1 / 0) is False
+    assert suite.skipped[-1]["reason"] == "FAILED: ZeroDivisionError: division by zero"
+    assert [w["what"] for w in suite.walls] == ["a slow row", "a compile row", "a broken row"]
+
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--device", "cpu"], "--device cpu runs only at toy size: add --tiny"),
@@ -305,7 +318,8 @@ def test_cuda_graph_replay_survives_other_gpu_work():
 @pytest.mark.gpu
 @RunIf(min_gpus=1)
 def test_tiny_suite_on_the_gpu(tmp_path):
-    code = gpu_suite.main(["--tiny", "--sections", "a", "b", "c", "--out", str(tmp_path)])  # d would run this file again
+    # a, b and c at toy size (d would run this file again); the CUDA-graph and compile outputs are checked
+    code = gpu_suite.main(["--tiny", "--sections", "a", "b", "c", "--budget-s", "240", "--out", str(tmp_path)])
     report, _ = _report(tmp_path)
     assert code == 0 and not [s for s in report["skipped"] if "FAILED" in s["reason"]], report["skipped"]
     runners = {r["runner"] for r in report["rows"]["b"]}
