@@ -194,6 +194,7 @@ class Suite:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     chase: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)  # row -> arm -> top ops
     walls: list[dict[str, Any]] = field(default_factory=list)  # estimate vs wall per row: recalibrates ESTIMATE_FULL
     finalizers: list[Callable[[], None]] = field(default_factory=list)  # run after every row (output checks)
 
@@ -589,6 +590,29 @@ def _inference_runner(model: nn.Module, x: torch.Tensor, runner: str, suite: Sui
     return cuda_graph(run, suite.device) if runner == "cuda-graph" else run
 
 
+def profile_top(fn: Callable[[], object], device: torch.device, calls: int = 3, top: int = 12) -> list[dict[str, Any]]:
+    """Where the time of ``fn`` goes: the ``top`` operators by self time over ``calls`` calls (torch.profiler;
+    device time on a GPU, CPU time on a CPU), in ms per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for ev in prof.key_averages():
+        self_us = getattr(ev, "self_device_time_total", None) if cuda else ev.self_cpu_time_total
+        if cuda and self_us is None:
+            self_us = getattr(ev, "self_cuda_time_total", 0)
+        if self_us and self_us > 0:
+            rows.append({"op": ev.key[:80], "self_ms": round(self_us / 1e3 / calls, 4), "calls": ev.count // calls})
+    return sorted(rows, key=lambda r: r["self_ms"], reverse=True)[:top]
+
+
 # priority of each (dtype, runner): the goal row (fp16 compile) and the plain fp16 rows first
 B_PRIORITY = {("float16", "eager"): 1, ("float16", "compile"): 1, ("float16", "cuda-graph"): 2, ("bfloat16", "eager"): 2,
               ("float32", "eager"): 2}
@@ -643,6 +667,9 @@ def section_b(suite: Suite) -> list[Task]:
                                     "host_bound": bool(host[key]) if suite.cuda else None})
         print(f"    {dtype:9s} {runner:10s} dense {ms['dense']:8.2f} ms  plain {ms['dense'] / ms['plain']:.2f}x  "
               f"prune skip {ms['dense'] / ms['skip']:.2f}x", flush=True)
+        if runner == "eager" and dtype == dtypes[0]:  # where the time goes, dense vs prune skip
+            suite.profiles[f"Chase inference {dtype} eager"] = {
+                key: profile_top(batch[(dtype, runner, key)], suite.device) for key in ("dense", "skip")}
 
     def check_outputs() -> None:
         """Every runner's output against the CPU fp32 model, once every row of the suite has run (latest first)."""
@@ -868,6 +895,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## d. pytest -m gpu", ""]
     for r in report["rows"]["d"]:
         lines.append(f"exit {r['rc']}: {r['summary']} (files: {', '.join(r['files'])})")
+    for what, arms in report.get("profiles", {}).items():
+        lines += ["", f"## Profile: {what} (self time per call, top operators)", ""]
+        for arm, ops in arms.items():
+            lines += [f"**{arm}**", "", "| op | ms | calls |", "|---|---|---|"]
+            lines += [f"| `{o['op']}` | {o['self_ms']:.3f} | {o['calls']} |" for o in ops] + [""]
     lines += ["", "## Skipped", ""] + [f"- [{s['section']}] {s['what']}: {s['reason']}" for s in report["skipped"]]
     lines += [""] + [f"> {n}" for n in report["notes"]]
     return "\n".join(lines).rstrip() + "\n"
@@ -966,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": info, "tiny": args.tiny, "device": str(device), "budget_s": args.budget_s,
               "wall_s": round(time.monotonic() - suite.budget.t0, 1), "sections": args.sections,
               "command": "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": suite.rows, "skipped": suite.skipped, "notes": suite.notes, "walls": suite.walls}
+              "rows": suite.rows, "skipped": suite.skipped, "notes": suite.notes, "walls": suite.walls,
+              "profiles": suite.profiles}
     report["command"] = report["command"].strip()
     report["goals"] = goals(report)
     folder = report_dir(args.out, info)

@@ -112,7 +112,10 @@ def test_tiny_run_checks_chase_outputs_against_the_cpu_model(tiny):
     assert [w["what"] for w in report["walls"]] == [
         "Chase slim models of test_resnet", "training step test_resnet 32px batch 2", "training step test_vit batch 2",
         "Chase inference float32 eager", "Chase inference float32 compile"]
+    profile = report["profiles"]["Chase inference float32 eager"]
+    assert set(profile) == {"dense", "skip"} and all(any("conv" in o["op"] for o in ops) for ops in profile.values())
     md = (folder / "report.md").read_text()
+    assert "## Profile: Chase inference float32 eager" in md
     assert "## a. Training step ÷ dense" in md and "| test_vit | NMSparsity SR-STE 2:4 | 2 |" in md
     assert folder.name == gpu_suite.report_dir(Path("."), {"gpu": "cpu", "torch": torch.__version__}).name
 
