@@ -16,7 +16,7 @@ __all__ = ["CUDA_RUNTIMES", "RUNTIMES", "Runtime", "cuda_runner", "eager_runner"
 
 Runtime = Literal["eager", "onnxruntime", "cuda"]
 RUNTIMES = ("eager", "onnxruntime")  # CPU
-CUDA_RUNTIMES = ("cuda",)  # GPU: PyTorch eager (see cuda_runner for why no CUDA-graph replay)
+CUDA_RUNTIMES = ("cuda",)  # GPU: PyTorch eager (CUDA-graph replay: wrap it in utils.cuda_graph, see cuda_runner)
 GPU_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -44,10 +44,11 @@ def cuda_runner(folded: nn.Module, example_inputs: torch.Tensor, dtype: str = "f
     """One batch through an already BN-folded eval model on the current CUDA GPU, channels_last, ``dtype``.
 
     cuDNN's autotuner (``torch.backends.cudnn.benchmark``) is left as the caller set it; a deployment
-    turns it on. There is no CUDA-graph variant: on an H100 with torch 2.11 / cuDNN 9.19, a captured
-    ResNet forward replayed after other GPU work had run since its capture (another model's forward, as
-    interleaved timing does) returned wrong logits. At batch 256 a ResNet-50 forward was not host-bound
-    there (at batch 64 in fp16 it was); :class:`~lightning_sparse.utils.timing.Timing` flags it.
+    turns it on. For CUDA-graph replay wrap the returned function in :func:`lightning_sparse.utils.cuda_graph`
+    (``benchmarks/gpu_suite.py`` does): a replay once returned wrong logits after other GPU work because the
+    replay did not keep this function, and so the folded copy's weights and the input, alive; it does now.
+    At batch 256 a ResNet-50 forward was not host-bound on an H100 (at batch 64 in fp16 it was);
+    :class:`~lightning_sparse.utils.timing.Timing` flags it.
     """
     if dtype not in GPU_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported on the GPU; choose one of {list(GPU_DTYPES)}.")

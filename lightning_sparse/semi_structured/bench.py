@@ -66,6 +66,7 @@ def benchmark_semi_structured(
     runner: Runner = "eager",
     search: bool = False,
     row_major_outputs: bool = True,
+    include: Sequence[str] | None = None,
 ) -> SemiStructuredReport:
     """Dense 2:4-masked vs semi-structured sparse: end-to-end and per-layer medians, plus parity.
 
@@ -87,6 +88,8 @@ def benchmark_semi_structured(
         search: ask cuSPARSELt for the fastest algorithm per layer (``backend="cusparselt"``).
         row_major_outputs: converted linears hand on row-major outputs (what a model needs). ``False`` keeps
             the layout the kernel returned, which times the kernel alone (see ``sparsify_model``).
+        include: fnmatch patterns of the layers to convert (default: every eligible ``nn.Linear``), e.g.
+            ``["*.mlp.fc1", "*.mlp.fc2"]`` for a ViT's MLP layers only, as torchao's published figures do.
 
     Raises:
         RuntimeError: if :func:`~lightning_sparse.semi_structured.skip_reason` says it cannot run here.
@@ -103,7 +106,7 @@ def benchmark_semi_structured(
     if search and backend != "cusparselt":
         raise ValueError(f"`search=True` needs backend='cusparselt' (algorithm search), got backend={backend!r}.")
     device = resolve_device(device)
-    dense, sparse, converted, skipped = sparsify_model(model, torch_dtype, backend, device, row_major_outputs)
+    dense, sparse, converted, skipped = sparsify_model(model, torch_dtype, backend, device, row_major_outputs, include)
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((batch_size, *input_shape), generator=gen, device=device, dtype=torch_dtype)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -95,6 +96,18 @@ def _contiguous_output(module: nn.Module, args: tuple, out: torch.Tensor) -> tor
     return None
 
 
+def _select(names: Sequence[str], include: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(names matching any pattern, the others)``; a pattern matching none of ``names`` is an error."""
+    if isinstance(include, str) or not include:
+        raise ValueError(f"`include` must be a non-empty list of fnmatch patterns, got include={include!r}.")
+    unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"`include` pattern(s) {unmatched} match no 2:4-eligible layer; eligible layers: "
+                         f"{list(names)[:8]}{' ...' if len(names) > 8 else ''}")
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    return chosen, [n for n in names if n not in chosen]
+
+
 @torch.no_grad()
 def sparsify_model(
     model: nn.Module,
@@ -102,6 +115,7 @@ def sparsify_model(
     backend: Backend = "cusparselt",
     device: torch.device | str | None = None,
     row_major_outputs: bool = True,
+    include: Sequence[str] | None = None,
 ) -> tuple[nn.Module, nn.Module, list[str], list[LayerEligibility]]:
     """Two copies of ``model`` on ``device`` in ``dtype``: dense 2:4-masked, and semi-structured sparse.
 
@@ -111,7 +125,9 @@ def sparsify_model(
     so is its output when ``row_major_outputs`` (what the next layer of a model needs; ``False`` leaves the
     kernel's own layout, to time the kernel alone). ``device`` defaults to the current CUDA device. A layer whose
     conversion raises in torch is reported in the skipped list with torch's message and stays dense (still
-    2:4-masked) in both copies.
+    2:4-masked) in both copies. ``include`` (fnmatch patterns of module names, e.g. ``["*.mlp.fc1", "*.mlp.fc2"]``
+    for a ViT's MLP layers only) limits conversion to the eligible layers it matches; the other eligible layers
+    stay dense and unmasked in both copies and are listed as skipped ("not in include").
 
     Returns:
         ``(dense_masked, sparse, converted module names, skipped layers)``.
@@ -119,6 +135,7 @@ def sparsify_model(
     Raises:
         RuntimeError: if :func:`skip_reason` says conversion is impossible on this device.
         NothingConverted: if every eligible layer failed to convert.
+        ValueError: an ``include`` pattern that matches no eligible layer.
     """
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
@@ -130,6 +147,10 @@ def sparsify_model(
     rows = semi_structured_eligibility(model, torch_dtype, backend)
     eligible = [r.name for r in rows if r.eligible]
     skipped = [r for r in rows if not r.eligible]
+    if include is not None:
+        eligible, left_out = _select(eligible, include)
+        skipped += [LayerEligibility(r.name, r.shape, False, f"not in include {list(include)}")
+                    for r in rows if r.name in left_out]
     dense = _plain_copy(model).to(device=device, dtype=torch_dtype).eval()
     bake_nm(dense, 2, 4, "input_channels", names=[f"{n}.weight" if n else "weight" for n in eligible])
     sparse = copy.deepcopy(dense)

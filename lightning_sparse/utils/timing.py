@@ -113,6 +113,14 @@ def cuda_graph(fn: Callable[[], object], device: torch.device | str, warmup: int
 
     ``fn`` runs ``warmup`` times on a side stream first (as ``torch.cuda.graphs`` asks), then once under
     capture. The replay returns the output tensors of the captured call, refreshed in place.
+
+    The replay keeps ``fn`` (and so everything it closes over: the model's weights, its input) alive. A
+    graph stores raw device addresses, not tensors: had the replay held only the graph and its output, a
+    caller that kept no other reference to the model (a runner built on a temporary BN-folded copy) would
+    free the weights and the input right after capture. The caching allocator keeps that memory reserved,
+    so replays stay correct until other GPU work (another model's forward) is given those blocks and
+    overwrites them; from then on the replay reads foreign data and returns wrong outputs. That was the
+    wrong-logits failure of a CUDA-graph runner seen once other models had run between capture and replay.
     """
     device = torch.device(device)
     with torch.cuda.device(device):
@@ -129,5 +137,7 @@ def cuda_graph(fn: Callable[[], object], device: torch.device | str, warmup: int
     def replay() -> object:
         graph.replay()
         return out
+
+    replay.captured = fn  # type: ignore[attr-defined]  # the graph reads fn's tensors by address: keep them alive
 
     return replay
