@@ -12,7 +12,10 @@ Adds to Lightning's CLI:
   ``interrupted-*.ckpt`` at the step where SIGTERM stopped the run, SLURM requeue at batch boundaries;
   ``--ckpt_path last`` resumes from the newest readable one across run versions;
 - ``run_name``: when no logger is configured, runs log to CSV and W&B (offline) under
-  ``runs/<run_name>/``;
+  ``runs/<run_name>/version_N``, and a run is its folder (:mod:`lightning_sparse.cli.runs`): ``fit --ckpt_path``
+  continues the checkpoint's folder, a command naming a run's checkpoint without ``--config`` reads the run's
+  ``config.yaml``, ``runs/<run_name>/latest`` points at the newest version, and a start that fails before its
+  first training step removes its folder;
 - running without a subcommand does ``fit`` and then ``test`` on the best checkpoint;
 - a bad value, at the command line or in YAML, whatever class it belongs to, ends the run with one line
   naming the option path, the value and what is allowed (exit code 2; :mod:`lightning_sparse.cli.errors`);
@@ -68,7 +71,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP = """Sparse training with LightningCLI. Without a subcommand, `train.py --config <yaml>` runs fit and then
 test (on the best checkpoint). Find options: `train.py fit --model.help lightning_sparse.models.ImageClassifier`,
 `train.py fit --sparsity.help lightning_sparse.callbacks.DynamicSparsity` (set one with `--sparsity.density=0.05`),
-`train.py fit --config <yaml> --print_config`. Resume: `train.py fit --config <yaml> --ckpt_path last`."""
+`train.py fit --config <yaml> --print_config`. Resume a run in its folder: `train.py fit --run_name <name> --ckpt_path last`;
+evaluate it: `train.py test --run_name <name> --ckpt_path best` (both read the run's config.yaml)."""
 
 
 class SparseCLI(LightningCLI):
