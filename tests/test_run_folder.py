@@ -73,7 +73,6 @@ def _model_checkpoint_state(ckpt: Path) -> dict:
     return next(v for k, v in states.items() if k.startswith("ModelCheckpoint{'monitor': 'val/acc'"))
 
 
-@pytest.mark.slow
 def test_newcomer_sequence_one_folder(tmp_path: Path) -> None:
     config = _config(tmp_path)
     stopped = _ok(_train(tmp_path, "fit", "--config", str(config), stop=True), 128 + 15)
