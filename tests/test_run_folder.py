@@ -168,3 +168,20 @@ def test_latest_link_and_text_fallback(tmp_path: Path) -> None:
             d.rmdir()
     assert update_latest(name) is None and not (name / "latest").exists()
     assert run_folder_of(tmp_path / "model.ckpt") is None
+
+
+@pytest.mark.parametrize("symlink", [True, False])
+def test_compare_reads_latest_in_either_form(tmp_path: Path, monkeypatch, symlink: bool) -> None:
+    from lightning_sparse.compare.runs import resolve_runs
+
+    for v in (0, 1):
+        (tmp_path / f"runs/x/version_{v}").mkdir(parents=True)
+        (tmp_path / f"runs/x/version_{v}/config.yaml").write_text("run_name: x\n")
+        (tmp_path / f"runs/x/version_{v}/metrics.csv").write_text("step\n")
+    if symlink:
+        update_latest(tmp_path / "runs/x")
+    else:
+        (tmp_path / "runs/x/latest").write_text("version_1\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_runs(["runs/x/*"]) == [Path("runs/x/version_0"), Path("runs/x/version_1")]  # latest not twice
+    assert [p.resolve() for p in resolve_runs(["runs/x/latest"])] == [(tmp_path / "runs/x/version_1").resolve()]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from lightning_sparse.run.folder import LATEST, expand_latest
 from lightning_sparse.run.resolve import resolve_class
 
 __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series", "train_budget",
@@ -74,10 +75,11 @@ def resolve_runs(patterns: list[str]) -> list[Path]:
         raise ValueError("no runs given: pass run directories or glob patterns, e.g. 'runs/*'.")
     out: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        # a glob skips runs/<name>/latest (an alias of a version it also matches)
+        matches = sorted(m for m in glob.glob(pattern) if Path(m).name != LATEST) if glob.has_magic(pattern) else [pattern]
         if not matches or not Path(matches[0]).exists():
             raise ValueError(f"{pattern!r} matches no file or directory.")
-        for match in map(Path, matches):
+        for match in map(expand_latest, matches):  # runs/<name>/latest: the link, or its text-file fallback
             run = match if _is_run(match) else None
             if run is None and match.is_dir():
                 versions = _versions(match)

@@ -35,7 +35,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-__all__ = ["RunCSVLogger", "RunFolder", "expand_latest", "new_wandb_id", "run_folder_of", "update_latest",
+__all__ = ["LATEST", "RunCSVLogger", "RunFolder", "expand_latest", "new_wandb_id", "run_folder_of", "update_latest",
            "wandb_run_id"]
 
 LATEST = "latest"
