@@ -90,3 +90,26 @@ def test_summary_counts_a_slimmed_model_against_itself_and_the_original(tmp_path
         f"{(zeros + original - total) / original:.4f} against the original model (zeros and the {original - total:,} "
         f"removed weights among its {original:,})"
     )
+
+
+def test_summary_lines_after_a_one_shot_nm_fit(digits_small, tmp_path):
+    """One-shot N:M zeroes the pruned weights at every step, so the module after fit is its 2:4 model as well."""
+    import pytorch_lightning as pl
+
+    from helpers.training import trainer as make_trainer
+    from lightning_sparse.callbacks import OneShotPruning
+    from lightning_sparse.cli.summary import summary_lines
+    from lightning_sparse.sparsity.nm import nm_violations
+    from tests.conftest import TinyNet
+
+    pl.seed_everything(0)
+    model, cb = TinyNet(), OneShotPruning(pattern="nm", n=2, m=4)
+    trainer = make_trainer(tmp_path, 2, [cb])
+    with pytest.warns(UserWarning, match="dense"):
+        trainer.fit(model, digits_small.train_dataloader())
+    params = dict(model.named_parameters())
+    targets = ("body.0.weight", "body.3.weight", "head.weight")
+    assert all(nm_violations(params[k].detach(), 2, 4) == 0 for k in targets)
+    covered = sum(params[k].numel() for k in targets)
+    line = next(x for x in summary_lines(trainer, model, None) if x.startswith("weights:"))
+    assert line.endswith(f"2:4 in {covered:,} of them: 0.5000 of those are 0")
