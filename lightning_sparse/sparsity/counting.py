@@ -73,10 +73,10 @@ class WeightCount:
 
         Example:
             >>> print(*WeightCount(zeros=500, total=1000, nm="2:4", nm_weights=1000, nm_zeros=500).describe().split("; "),
-            ...       sep="\n")
+            ...       sep="\\n")
             0.5000 sparse (500 of 1,000 conv/linear weights are 0, counted against the original model)
             2:4 in 1,000 of them: 0.5000 of those are 0
-            >>> print(*WeightCount(zeros=600, total=1000, original_total=4000).describe().split("; "), sep="\n")
+            >>> print(*WeightCount(zeros=600, total=1000, original_total=4000).describe().split("; "), sep="\\n")
             0.6000 sparse against the slimmed model (600 of its 1,000 conv/linear weights are 0)
             0.9000 against the original model (zeros and the 3,000 removed weights among its 4,000)
         """
