@@ -220,3 +220,16 @@ def test_reference_mask_groups_input_channels():
     assert torch.equal(out != 0, nm_mask(w, 2, 4))
     lin = torch.randn(4, 8)
     assert torch.equal(reference_nm(lin) != 0, nm_mask(lin, 2, 4))
+
+
+def test_dense_weights_that_fit_no_parameter_are_refused():
+    from lightning_sparse.sparsity.engine import MaskEngine
+
+    net = torch.nn.Linear(8, 4)
+    engine = MaskEngine()
+    engine.bind(net, ["weight"])
+    with pytest.raises(ValueError, match=r"MaskEngine.hold_dense: dense weights \{'weight': \(4, 4\)\} fit no bound parameter"):
+        engine.hold_dense({"weight": torch.zeros(4, 4)})
+    engine.hold_dense({"weight": torch.ones(4, 8)})  # the module holds W ⊙ M(W) of these: here it does not
+    assert engine.restore_dense_where_unchanged(lambda w: w * 0) == ["weight"]  # overwritten: keeps its value
+    assert not engine.is_masked and not torch.equal(net.weight, torch.ones(4, 8))
