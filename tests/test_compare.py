@@ -119,6 +119,14 @@ def test_table_matches_run_files_and_checkpoints(runs: Path, tmp_path: Path) -> 
             assert row["nonzero_params"] == sum(int(torch.count_nonzero(w)) for w in weights.values())
             assert row["params"] == sum(w.numel() for w in weights.values())
             assert row["flops"] == sum(2 * areas[k] * w.numel() for k, w in layers.items())
+        # zero conv/linear weights (N:M counted as baked, 1:8 -> 7/8) and removed ones, over the original model's
+        fraction = {k: 1 / 8 if name == "nm" and w.shape[1] % 8 == 0 else 1.0 for k, w in layers.items()}
+        zeros = sum(w.numel() - round(w.numel() * fraction[k]) if fraction[k] < 1 else int((w == 0).sum())
+                    for k, w in layers.items())
+        original = sum(dense_numel.values())
+        removed = original - sum(w.numel() for w in layers.values())
+        assert (removed > 0) == (name == "chase")
+        assert row["sparsity_vs_original"] == pytest.approx((zeros + removed) / original, rel=1e-12)
         assert row["flops_nonzero"] <= row["flops"]
         if name != "nm":
             assert row["flops_nonzero"] == pytest.approx(
@@ -152,6 +160,9 @@ def test_table_matches_run_files_and_checkpoints(runs: Path, tmp_path: Path) -> 
     assert "**Unequal training budgets**: 2 of 4 runs trained on another budget than the most common one " \
            "(1 epochs, 3 optimizer steps, 48 images)" in md
     assert "| 1 | 6 | 96 | **unequal** (2.00x images) |" in md
+    assert [float(r["sparsity_vs_original"]) for r in table] == [
+        rows[Path(r["run"]).parent.name]["sparsity_vs_original"] for r in table]
+    assert 0.87 < rows["nm"]["sparsity_vs_original"] < 0.875  # 1:8 everywhere but the 1-channel stem
 
 
 def test_run_without_checkpoint_shows_missing_values(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import timm
@@ -78,14 +80,18 @@ def test_image_classifier_forward_is_nm_and_eval_uses_masks(digits_small, tmp_pa
     assert "model.fc.weight" not in nm.targets and "model.layer1.0.conv1.weight" in nm.targets
     assert trainer.callback_metrics["nm/coverage"] > 0.9
     assert trainer.callback_metrics["sparsity/global"] == pytest.approx(0.75 * nm.coverage)
-    # evaluation uses the masked weights: the attached model's logits differ from the dense model's
+    # after fit the module holds the masked weights: its own forward is the one `nm.masked` gives, and differs
+    # from the forward of the dense weights the callback keeps for the next fit
     x = next(iter(digits_small.val_dataloader()))[0][:4]
     model.eval()
-    dense = model(x)
+    after_fit = model(x)
     with nm.masked(model):
         sparse = model(x)
-    assert not torch.allclose(dense, sparse)
-    torch.testing.assert_close(model(x), dense, rtol=0, atol=0)  # the dense weights are back
+    torch.testing.assert_close(sparse, after_fit, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), after_fit, rtol=0, atol=0)  # masked() left the module as it found it
+    dense = copy.deepcopy(model)
+    dense.load_state_dict(nm.engine.dense, strict=False)
+    assert not torch.allclose(dense(x), sparse)
 
 
 def test_baked_checkpoint_loads_into_plain_timm(digits_small, tmp_path):

@@ -8,7 +8,14 @@ module's ``forward`` (blind to a parent reading ``child.weight`` — ``nn.Multih
 calls on the Parameter) and over ``torch.nn.utils.parametrize`` (renames parameters and ``state_dict``
 keys to ``*.parametrizations.weight.original``, recomputes the mask at every attribute read, and needs
 state-dict hooks to look plain). With the value swap, names, keys, the optimizer's Parameter objects and
-DDP's hooks stay untouched, and checkpoints always hold the dense ``W`` (they are written between batches).
+DDP's hooks stay untouched, and the checkpoints written during fit hold the dense ``W`` (they are written
+between batches).
+
+At the end of every Trainer run (``teardown``) the Parameters are left holding ``W ⊙ M(W)``, so ``model(x)``,
+``state_dict()`` and anything else outside the Trainer see the sparse model that was trained and evaluated;
+the dense ``W`` stays in the callback (and in its ``state_dict``, so a checkpoint saved then resumes
+bitwise). The next Trainer run puts ``W`` back before its first forward, in every Parameter that still
+holds ``W ⊙ M(W)``; one that a checkpoint or ``load_state_dict`` overwrote in between keeps its new value.
 
 Gradient: the forward and backward run on ``W̃``, so autograd delivers exactly ``∂L/∂W̃`` to the
 Parameter (the straight-through estimator). In ``on_before_optimizer_step`` — after the GradScaler has
@@ -25,7 +32,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -51,8 +58,12 @@ class NMSparsity(pl.Callback):
     ``W ⊙ M(W)`` with the mask recomputed from the current weights, however the module reads its weight
     (see the module docstring), and the optimizer receives ``∂L/∂W̃ + decay · (1 − M(W)) ⊙ W``.
     Parameter names and ``state_dict`` keys are untouched; between batches (checkpoints, other callbacks)
-    the Parameters hold the dense ``W``. Outside a Trainer, ``with nm.masked(module): ...`` runs code on the
-    masked weights; :meth:`bake` writes them as exact zeros before export.
+    the Parameters hold the dense ``W``. When ``fit`` (or ``validate``/``test``/``predict``) ends, the module
+    holds ``W ⊙ M(W)``: ``model(x)`` is the sparse model's forward, and ``model.state_dict()`` is the sparse
+    model (exact zeros) that loads into a plain timm model; the dense ``W`` SR-STE trains stays in this
+    callback and its ``state_dict``, and the next ``fit`` continues from it. ``with nm.masked(module): ...``
+    runs code on the masked weights of a module the callback has not left masked (before any run, or
+    after loading dense weights into it); :meth:`bake` makes the masked weights permanent.
 
     Masks are a function of the weights, so they need no storage: resuming from a checkpoint restores the
     weights and therefore the masks; on DDP every rank holds the same weights and thus the same masks.
@@ -127,7 +138,12 @@ class NMSparsity(pl.Callback):
             self.attach(pl_module)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wake()
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._wake()  # again: a strategy may restore the checkpoint after on_fit_start
         if self.dense_warmup_steps > 0:  # a smoke run masks at its last step at the latest
             last = fast_dev_run_step(trainer, type(self).__name__, "N:M masking from the last step on, at the latest")
             self.dense_warmup_steps = self.dense_warmup_steps if last is None else min(self.dense_warmup_steps, last)
@@ -135,6 +151,7 @@ class NMSparsity(pl.Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.detach()
+        self._rest()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -188,9 +205,12 @@ class NMSparsity(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "m": self.m, "layout": self.layout, "mode": self.mode,
-                "dense_warmup_steps": self.dense_warmup_steps, "targets": list(self.targets),
-                "global_step": self.global_step}
+        state = {"n": self.n, "m": self.m, "layout": self.layout, "mode": self.mode,
+                 "dense_warmup_steps": self.dense_warmup_steps, "targets": list(self.targets),
+                 "global_step": self.global_step}
+        if self.at_rest:  # the module holds W ⊙ M(W): the dense W travels here (checkpoints saved after a run)
+            state["dense"] = {k: v.detach().cpu().clone() for k, v in self.engine.dense.items()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -199,6 +219,9 @@ class NMSparsity(pl.Callback):
         if saved != ours:
             raise ValueError(f"NMSparsity checkpoint was saved with {saved}, this callback has {ours}.")
         self._run_step(int(state_dict["global_step"]))
+        # a checkpoint saved after a run: its model weights are W ⊙ M(W), its dense W is here (the next run
+        # puts it back); one saved during fit holds the dense W in the model weights and none here
+        self.engine.hold_dense(state_dict.get("dense"))
 
     # ------------------------------------------------------------------ public
     def current_masks(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
@@ -218,7 +241,9 @@ class NMSparsity(pl.Callback):
         return {"N:M masking start": int(self.dense_warmup_steps)} if self.dense_warmup_steps > 0 else {}
 
     def bake(self, pl_module: nn.Module) -> list[str]:
-        """Write ``W ⊙ M(W)`` into every N:M weight (exact zeros). Returns the baked parameter names."""
+        """Write ``W ⊙ M(W)`` into every N:M weight for good (exact zeros); the dense ``W`` the callback kept
+        after a run is dropped, so a later run continues from the baked weights. Returns the baked names."""
+        self._wake()
         self.engine.restore_dense()
         targets = self.targets or self._resolve(pl_module)[0]
         return bake_nm(pl_module, self.n, self.m, self.layout, names=targets)
@@ -247,7 +272,8 @@ class NMSparsity(pl.Callback):
         )
 
     def detach(self) -> None:
-        """Put the dense weights back and remove the hooks (the weights stay as they are)."""
+        """Remove the hooks; inside a training batch or an evaluation loop, put the dense weights back first
+        (a module the callback left masked after a run stays so)."""
         self._close()
         for handle in self._hooks:
             handle.remove()
@@ -255,10 +281,15 @@ class NMSparsity(pl.Callback):
 
     @contextmanager
     def masked(self, module: nn.Module) -> Iterator[nn.Module]:
-        """Run code on the masked weights outside a Trainer: ``with nm.masked(model): model(x)``."""
+        """Run code on the masked weights outside a Trainer: ``with nm.masked(model): model(x)``.
+
+        After a Trainer run the module already holds them (this recomputes them from the dense ``W`` and leaves
+        the module as it found it); before one, or after dense weights were loaded into it, this masks them.
+        """
         if not self._hooks:
             self.attach(module)
         inside = self._window  # already in a training batch or an evaluation loop: leave it as it is
+        resting = self.at_rest
         if not inside:
             self._open()
         try:
@@ -266,11 +297,18 @@ class NMSparsity(pl.Callback):
         finally:
             if not inside:
                 self._close()
+                if resting:
+                    self._rest()
 
     @property
     def masking(self) -> bool:
         """Whether the forward currently applies the masks (False during ``dense_warmup_steps``)."""
         return self.global_step >= self.dense_warmup_steps
+
+    @property
+    def at_rest(self) -> bool:
+        """Whether the module holds ``W ⊙ M(W)`` outside a Trainer run, with the dense ``W`` kept here."""
+        return not self._window and self.engine.is_masked
 
     # ------------------------------------------------------------------ internals
     def _resolve(self, module: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -291,13 +329,31 @@ class NMSparsity(pl.Callback):
         return srste_masked(weight, self.n, self.m, self.layout)
 
     def _open(self) -> None:
+        self._wake()
         self._window = True
         if self.masking and self.engine.params:
             self.engine.write_masked(self._masked_fn)
 
     def _close(self) -> None:
-        self._window = False
-        self.engine.restore_dense()
+        if self._window:
+            self._window = False
+            self.engine.restore_dense()
+
+    def _rest(self) -> None:
+        """End of a run: leave ``W ⊙ M(W)`` in the Parameters, the dense ``W`` kept in the engine."""
+        self._close()
+        if self.masking and self.engine.params and not self.engine.is_masked:
+            self.engine.write_masked(self._masked_fn)
+
+    def _wake(self) -> None:
+        """Start of a run (or of ``masked``/``bake``): put the kept dense ``W`` back where the Parameter still
+        holds ``W ⊙ M(W)``; a Parameter overwritten since (checkpoint, ``load_state_dict``) keeps its value."""
+        if not self.at_rest:
+            return
+        replaced = self.engine.restore_dense_where_unchanged(self._masked_fn)
+        if replaced:
+            rank_zero_debug(f"NMSparsity: {len(replaced)} weight(s) were overwritten since the last run ended; "
+                            f"continuing from their new values: {replaced[:4]}")
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if self._window and self.masking and not self.engine.is_masked:

@@ -64,6 +64,7 @@ from lightning_sparse.cli.runs import cli_managed_loggers, run_loggers, with_run
 from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
 from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 from lightning_sparse.run.folder import RunFolder
+from lightning_sparse.sparsity.counting import count_weights
 
 __all__ = ["BadValue", "SparseCLI", "default_loggers", "main"]
 
@@ -139,6 +140,7 @@ class SparseCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         self.parser.add_instantiator(default_instantiator, object, subclasses=True)
         super().instantiate_classes()
+        self.weights_as_built = count_weights(self.model).total  # the summary counts a slimmed model against it
         # FLOPs in Lightning's model summary (torch.utils.flop_counter needs an example batch)
         if getattr(self.model, "example_input_array", None) is None:
             example = example_input(self.model, self.datamodule)
@@ -147,7 +149,8 @@ class SparseCLI(LightningCLI):
 
     def print_summary(self, fitted: bool = True) -> None:
         """The end-of-run summary (rank zero; :mod:`lightning_sparse.cli.summary`)."""
-        lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None), fitted)
+        lines = summary_lines(self.trainer, self.model, getattr(self.model, "example_input_array", None), fitted,
+                              getattr(self, "weights_as_built", None))
         title = self.prog if self.subcommand else "train.py (fit, then test)"
         _print_rank_zero("\n".join(["", f"---- {title}: summary", *lines]))
 

@@ -3,7 +3,9 @@
 The summary is a few lines: the run directory, the best and last checkpoints, the figures folder, the W&B
 offline folder with its ``wandb sync`` command, the final test accuracy, the sparsity of the weights and the
 model's forward FLOPs (``torch.utils.flop_counter``). Everything is read from the trainer, the model and
-the files on disk, not from a callback's bookkeeping.
+the files on disk, not from a callback's bookkeeping: the sparsity counts the zeros in the model's weights
+(:func:`~lightning_sparse.sparsity.counting.count_weights`), an N:M layer at what it holds (2:4: 0.50), and a
+slimmed model both against itself and against the original model as built.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightning_sparse.callbacks import MaskSource
+from lightning_sparse.sparsity.counting import WeightCount, count_weights
 from lightning_sparse.sparsity.targets import candidate_weights
 from lightning_sparse.utils.inputs import example_inputs
 
-__all__ = ["weight_sparsity", "forward_flops", "summary_lines", "example_input", "silence_known_warnings"]
+__all__ = ["weight_sparsity", "weight_count", "forward_flops", "summary_lines", "example_input", "silence_known_warnings"]
 
 # third-party messages that say nothing about the run (the CLI filters them; library code does not)
 KNOWN_WARNINGS = (
@@ -70,6 +74,19 @@ def weight_sparsity(model: nn.Module) -> tuple[float, int, int]:
     return (zeros / total if total else 0.0), zeros, total
 
 
+def weight_count(trainer: pl.Trainer, model: nn.Module, original_total: int | None = None) -> WeightCount:
+    """The zeros of ``model``'s conv/linear weights (:func:`~lightning_sparse.sparsity.counting.count_weights`);
+    the N:M pattern looked for is the one a mask source on ``trainer.callbacks`` declares (``describe()``),
+    and ``original_total`` is the weight count of the model as built (the CLI records it before the run)."""
+    nm, layout = None, "input_channels"
+    for cb in trainer.callbacks:
+        info = cb.describe() if isinstance(cb, MaskSource) else None
+        if info is not None and info.n is not None and info.m is not None:
+            nm, layout = (info.n, info.m), getattr(cb, "layout", "input_channels")
+            break
+    return count_weights(model, original_total=original_total, nm=nm, layout=layout)
+
+
 def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
     """Dense forward FLOPs of ``model`` on ``x`` (``torch.utils.flop_counter``; 2 per multiply-add)."""
     from lightning_sparse.slim.flops import count_flops
@@ -97,9 +114,11 @@ def _fmt_flops(flops: int) -> str:
     return f"{flops} FLOPs"
 
 
-def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor | None, fitted: bool = True) -> list[str]:
+def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor | None, fitted: bool = True,
+                  original_total: int | None = None) -> list[str]:
     """The end-of-run summary of ``train.py`` (see module docstring); ``fitted``: this run trained (lists the
-    checkpoints it wrote), else it evaluated ``trainer.ckpt_path``."""
+    checkpoints it wrote), else it evaluated ``trainer.ckpt_path``; ``original_total``: the conv/linear
+    weights of the model as built, before any slimming (``None``: ``model`` is taken as built)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     lines = []
@@ -125,8 +144,7 @@ def summary_lines(trainer: pl.Trainer, model: nn.Module, example: torch.Tensor |
     scores = [f"{k} {float(metrics[k]):.4f}" for k in ("test/acc", "val/acc") if k in metrics]
     if scores:
         lines.append("accuracy:        " + ", ".join(scores[:1]))
-    sparsity, zeros, total = weight_sparsity(model)
-    text = f"weights:         {sparsity:.4f} sparse ({zeros:,} of {total:,} conv/linear weights are 0)"
+    text = f"weights:         {weight_count(trainer, model, original_total).describe()}"
     if example is not None:
         text += f"; forward {_fmt_flops(forward_flops(model, example))} dense-equivalent at {tuple(example.shape)}"
     lines.append(text)

@@ -27,6 +27,7 @@ COLUMNS: list[tuple[str, str | None, str]] = [
     ("train_batches", None, "d"), ("budget_ratio", None, ".4g"), ("budget_flag", "budget", "s"),
     ("val_acc", "val acc", ".4f"), ("test_acc", "test acc", ".4f"),
     ("nonzero_params", "nonzero params", ",d"), ("density_measured", "nonzero / dense params", ".4f"),
+    ("sparsity_vs_original", "zero weights / original conv+linear", ".4f"),
     ("params", "params (deployable)", ",d"), ("dense_params", None, "d"),
     ("flops", "FLOPs (deployable)", ".3g"), ("flops_nonzero", "FLOPs (nonzero weights)", ".3g"),
     ("dense_flops", None, "d"),

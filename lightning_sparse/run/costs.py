@@ -4,6 +4,9 @@ Params and FLOPs count N:M layers at N/M of their dense size (what a sparse tens
 computes); unstructured zeros are counted in ``nonzero_params`` and ``flops_nonzero`` (FLOPs of every
 Conv/Linear scaled by its fraction of nonzero weights), not in ``params``/``flops``. FLOPs come from
 :func:`lightning_sparse.slim.count_flops` (``torch.utils.flop_counter``), per image (batch 1).
+``sparsity_vs_original`` is the fraction of the original model's Conv/Linear/attention weights that are zero
+in the deployable network or were removed by slimming (:func:`~lightning_sparse.sparsity.counting.count_weights`:
+a 2:4 layer counts 0.50, a slimmed network is counted against the dense architecture it was built as).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from lightning_sparse.run.model import RunModel
 from lightning_sparse.slim import count_flops
+from lightning_sparse.sparsity.counting import count_weights
 from lightning_sparse.utils.inputs import example_inputs
 
 __all__ = ["layer_flops", "measure_costs"]
@@ -57,9 +61,11 @@ def measure_costs(run: RunModel, dense: nn.Module) -> dict[str, float]:
         if w is not None:
             zero_flops += f * (1 - int(torch.count_nonzero(w)) / w.numel())
     dense_params = sum(p.numel() for p in dense.parameters())
+    weights = count_weights(run.model, original_total=count_weights(dense).total)
     return {
         "nonzero_params": nonzero,
         "density_measured": nonzero / dense_params,
+        "sparsity_vs_original": weights.sparsity_vs_original,
         "params": round(total - nm_saved),
         "dense_params": dense_params,
         "flops": round(flops - nm_flops_saved),

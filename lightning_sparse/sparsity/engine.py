@@ -282,6 +282,44 @@ class MaskEngine:
         return True
 
     @torch.no_grad()
+    def restore_dense_where_unchanged(self, masked_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+        """Put the dense weights back into every Parameter that still holds ``masked_fn(W)`` of its kept ``W``.
+
+        For masked weights left in the Parameters between uses (``NMSparsity`` after fit): a Parameter whose
+        value was replaced since (a checkpoint or ``load_state_dict`` wrote into it) keeps its new value, and
+        its kept ``W`` is dropped. Returns the names of those replaced Parameters.
+        """
+        if self._dense is None:
+            return []
+        replaced = []
+        for name, dense in self._dense.items():
+            p = self._params[name]
+            dense = dense.to(p.device) if dense.dtype == p.dtype else None
+            if dense is not None and torch.equal(p.data, masked_fn(dense)):
+                p.data = dense
+            else:
+                replaced.append(name)
+        self._dense, self._masked = None, {}
+        return replaced
+
+    def hold_dense(self, dense: Mapping[str, torch.Tensor] | None) -> None:
+        """Declare that the bound Parameters hold ``W ⊙ M(W)`` of ``dense`` (restored from a checkpoint), kept
+        aside as by :meth:`write_masked`; ``None`` forgets any kept ``W`` and leaves the Parameters as they are.
+
+        Raises:
+            ValueError: ``dense`` names a parameter that is not bound, or has another shape than it.
+        """
+        if dense is None:
+            self._dense, self._masked = None, {}
+            return
+        bad = {k: tuple(v.shape) for k, v in dense.items() if k not in self._params or v.shape != self._params[k].shape}
+        if bad:
+            raise ValueError(f"MaskEngine.hold_dense: dense weights {bad} fit no bound parameter "
+                             f"(bound: {sorted(self._params)[:6]}{' ...' if len(self._params) > 6 else ''}).")
+        self._dense = {k: v.to(self._params[k].device) for k, v in dense.items()}
+        self._masked = {}
+
+    @torch.no_grad()
     def add_decay(self, decay: float, params: set[int] | None = None) -> None:
         """SR-STE's term: ``grad += decay · (1 − M) ⊙ W`` with the dense ``W`` and the last written
         ``W ⊙ M`` (:func:`~lightning_sparse.sparsity.nm.srste_gradient`, in place).
