@@ -109,12 +109,13 @@ def machine_info() -> dict[str, str]:
 
 def find_chase_checkpoint() -> Path | None:
     """Newest ``runs/**/*.ckpt`` holding a slimmed Chase state, or None."""
-    import torch
+    from lightning_sparse.utils.checkpoints import load_checkpoint
+    from lightning_sparse.utils.errors import InputError
 
     for path in sorted((ROOT / "runs").glob("**/*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - an unreadable file is not a candidate
+            ckpt = load_checkpoint(path)
+        except InputError:  # an unreadable or untrusted file is not a candidate
             continue
         if any(k.startswith("Chase") and s.get("arch") for k, s in ckpt.get("callbacks", {}).items()):
             return path

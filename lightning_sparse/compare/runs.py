@@ -13,17 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from lightning_sparse.run.resolve import resolve_class
+from lightning_sparse.utils.checkpoints import load_checkpoint
+from lightning_sparse.utils.errors import InputError
 
 __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
 
 
-class NotARunError(ValueError):
+class NotARunError(InputError):
     """A path given to compare is not a run directory."""
 
 
@@ -70,12 +71,12 @@ def resolve_runs(patterns: list[str]) -> list[Path]:
             ``runs/<name>`` directory whose latest ``version_N`` is one; the message names it.
     """
     if not patterns:
-        raise ValueError("no runs given: pass run directories or glob patterns, e.g. 'runs/*'.")
+        raise InputError("no runs given: pass run directories or glob patterns, e.g. 'runs/*'.")
     out: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches or not Path(matches[0]).exists():
-            raise ValueError(f"{pattern!r} matches no file or directory.")
+            raise InputError(f"{pattern!r} matches no file or directory.")
         for match in map(Path, matches):
             run = match if _is_run(match) else None
             if run is None and match.is_dir():
@@ -151,7 +152,7 @@ def pick_checkpoint(path: Path, config: dict[str, Any]) -> tuple[Path | None, Pa
     if _changes_architecture(config) and last is not None:
         return last, last
     if len(best) > 1 and last is not None:  # save_top_k > 1: ask the checkpoint callback which is best
-        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        state = load_checkpoint(last, mmap=True)
         named = [s.get("best_model_path") for k, s in state.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")]
         best = [p for p in best if str(p) in named or p.name in {Path(n).name for n in named if n}] or best
     return (best[0] if best else last), last
@@ -235,7 +236,7 @@ def train_time(run: Run) -> tuple[float | None, str | None]:
     time between writing ``config.yaml`` (fit start) and ``last.ckpt`` (end of the last epoch)."""
     if run.last_checkpoint is None:
         return None, None
-    state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    state = load_checkpoint(run.last_checkpoint, mmap=True)
     for key, value in state.get("callbacks", {}).items():
         if key.startswith("Timer") and isinstance(value, dict):
             elapsed = (value.get("time_elapsed") or {}).get("train")
