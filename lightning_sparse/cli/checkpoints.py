@@ -47,7 +47,7 @@ def resolve_ckpt_path(cfg: Any) -> None:
         raise FileNotFoundError(f"--ckpt_path={path!r}: no such file. Pass a .ckpt file, or 'last' / 'best'.")
     elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
         raise ValueError(
-            f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
+            f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason.rstrip('.')}). "
             "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
         )
 

@@ -40,6 +40,7 @@ from lightning_sparse.compare.runs import (
     train_time,
 )
 from lightning_sparse.run import measure_costs
+from lightning_sparse.utils.errors import InputError
 
 SAD_KEYS = ("sad/global_norm", "sad/global_vs_init_norm")
 
@@ -102,12 +103,17 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
         The table rows (column -> value, None where a run lacks it).
 
     Raises:
-        ValueError: no runs, or a pattern that matches nothing.
+        InputError: (a ``ValueError``) no runs, a pattern that matches nothing, an argument out of range, an
+            ``out`` that is a file, or a run whose checkpoint cannot be loaded (the message names it).
         NotARunError: a path that is not a run directory (the message names it).
     """
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got threads={threads}.")
+    if reps < 1 or batch_size < 1:
+        raise InputError(f"reps and batch_size must be >= 1, got reps={reps}, batch_size={batch_size}.")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"out={str(out)!r} exists and is not a folder.")
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got threads={threads}.")
         torch.set_num_threads(threads)
     paths = resolve_runs(list(runs))
     loaded = [read_run(p) for p in paths]

@@ -31,7 +31,7 @@ from lightning_sparse.run.resolve import config_image_size, find_config, resolve
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
 from lightning_sparse.sparsity.nm import bake_nm, nm_violations
-from lightning_sparse.utils.checkpoints import UnreadableCheckpoint, UntrustedCheckpoint, load_checkpoint
+from lightning_sparse.utils.checkpoints import load_checkpoint
 from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.inputs import example_inputs
 from lightning_sparse.utils.modules import first_conv
@@ -52,12 +52,7 @@ def _not_a_checkpoint(path: Path, why: str) -> InputError:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise _not_a_checkpoint(path, "does not exist or is not a file")
-    try:
-        payload = load_checkpoint(path)
-    except UntrustedCheckpoint:
-        raise
-    except UnreadableCheckpoint as err:
-        raise _not_a_checkpoint(path, f"is not a readable Lightning checkpoint or slim export ({err})") from None
+    payload = load_checkpoint(path)  # the messages of its InputErrors name the file
     if not isinstance(payload, dict):
         raise _not_a_checkpoint(path, f"holds a {type(payload).__name__}")
     return payload
@@ -254,8 +249,9 @@ def load_run_model(path: str | Path, image_size: int | None = None, *, model_def
     Raises:
         InputError: (a ``ValueError``) a missing or unreadable file, a file that is neither kind, weights that
             do not fit, masks that are not applied, or an unknown input size (:class:`UnknownImageSize`).
-        UntrustedCheckpoint: a file whose pickle would build objects our checkpoints never hold
-            (:func:`lightning_sparse.utils.checkpoints.load_checkpoint`).
+            Among them (:func:`lightning_sparse.utils.checkpoints.load_checkpoint`): ``UnreadableCheckpoint``
+            (truncated, not a ``torch.save`` zip file) and ``UntrustedCheckpoint`` (a pickle that would build
+            objects our checkpoints never hold; refused unread).
     """
     path = Path(path)
     payload = _read(path)
