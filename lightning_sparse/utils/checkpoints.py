@@ -79,8 +79,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
     if not path.is_file():
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} does not exist or is not a file.")
     if not zipfile.is_zipfile(path):
-        raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is not a torch.save zip file (a plain pickle, a legacy torch "
-                                   f"file or not a torch file); it was not unpickled: {_ADVICE}.")
+        raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is not a readable checkpoint: not a torch.save zip file (a "
+                                   f"plain pickle, a legacy torch file or another file), so it was not unpickled; {_ADVICE}.")
     try:
         unsafe = unsafe_globals(path)
     except (RuntimeError, ValueError, zipfile.BadZipFile) as err:
@@ -98,4 +98,4 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
 
 def _unreadable(path: Path, err: BaseException) -> UnreadableCheckpoint:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return UnreadableCheckpoint(f"checkpoint {str(path)!r} is not readable ({type(err).__name__}: {first}).")
+    return UnreadableCheckpoint(f"checkpoint {str(path)!r} is not a readable checkpoint ({type(err).__name__}: {first}).")
