@@ -10,7 +10,7 @@ so a refused argument is raised, ``allow_abbrev=False`` so no option is matched 
   the code that explains ``train.py``'s);
 - an :class:`~lightning_sparse.utils.errors.InputError` raised while the command runs (a missing, unreadable
   or foreign checkpoint, a folder that is not a run, an ``--out`` that would be overwritten): its message;
-- anything else is a bug and keeps its traceback; ``JSONARGPARSE_DEBUG=1`` shows tracebacks for input errors too.
+- anything else is a bug and keeps its traceback; ``JSONARGPARSE_DEBUG=true`` shows tracebacks for input errors too.
 """
 
 from __future__ import annotations

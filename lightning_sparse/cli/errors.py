@@ -17,7 +17,7 @@ Four sources, each through what the libraries document:
   is the first configured one (``sparsity``, ``trainer.callbacks``, ``model``, ``data``) whose argument the
   message names as `` `name` `` or ``name=`` (the project's message format, STYLE.md).
 
-``JSONARGPARSE_DEBUG=1`` shows the full traceback instead. The line itself (:func:`fail`, :class:`BadValue`,
+``JSONARGPARSE_DEBUG=true`` shows the full traceback instead. The line itself (:func:`fail`, :class:`BadValue`,
 :func:`debug`) is :mod:`lightning_sparse.utils.errors`'s, shared with the module commands
 (:mod:`lightning_sparse.cli.commands`).
 """

@@ -4,7 +4,7 @@
 ONE line on stderr, ``<prog>: error: <what is wrong, the value, what is allowed>``, and exit code 2 (the
 usage-error code of argparse and jsonargparse). A bug keeps its traceback: only what a check raised as
 :class:`InputError` (or, in ``train.py``, a configured object's input error located in the config) is shortened.
-``JSONARGPARSE_DEBUG=1`` shows the full traceback of an input error too.
+``JSONARGPARSE_DEBUG=true`` shows the full traceback of an input error too.
 """
 
 from __future__ import annotations
