@@ -187,7 +187,8 @@ def render(info: dict[str, str], quick: bool, results: list[tuple[Bench, dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="modest settings (minutes on a 2-core CPU)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (names as in the report)")
     ap.add_argument("--chase-checkpoint", type=Path, help="Chase checkpoint for chase_checkpoint_speed")

@@ -117,3 +117,30 @@ def test_a_bug_keeps_its_traceback(files):
 def test_debug_switch_shows_the_traceback_of_an_input_error(files):
     proc = _run(_command(COMPARE, ["busy", "--out", "o"]), files, JSONARGPARSE_DEBUG="true")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "NotARunError" in proc.stderr
+
+
+def _parser_calls(path: Path) -> list[tuple[int, str, bool]]:
+    """``(line, callee, passes allow_abbrev=False)`` of every parser a file builds."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in ("ArgumentParser", "CLI", "auto_cli"):
+                off = any(k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+                          for k in node.keywords)
+                found.append((node.lineno, name, off))
+    return found
+
+
+def test_no_parser_matches_options_by_prefix():
+    """Every parser in the package, the benchmarks and train.py refuses abbreviated options (the commands build
+    theirs with command_parser, train.py with SparseArgumentParser)."""
+    files = [ROOT / "train.py", *sorted((ROOT / "lightning_sparse").rglob("*.py")), *sorted((ROOT / "benchmarks").rglob("*.py"))]
+    calls = {f"{p.relative_to(ROOT)}:{line}": (name, off) for p in files for line, name, off in _parser_calls(p)}
+    assert any(k.startswith("lightning_sparse/cli/commands.py") for k in calls)  # the commands' one parser
+    assert [k for k, (_, off) in calls.items() if not off] == []
+    from lightning_sparse.cli.parser import SparseArgumentParser
+
+    assert SparseArgumentParser().allow_abbrev is False
