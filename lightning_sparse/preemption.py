@@ -71,9 +71,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(dir_fd)
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
         """Load as :func:`lightning_sparse.utils.checkpoints.load_checkpoint` does: ``weights_only=True``, said
         explicitly, for our own checkpoints and any other file (the reason is in that module's docstring).
+        ``map_location`` defaults to Lightning's (tensors stay on the CPU until the strategy moves them).
 
         Raises:
             ValueError: ``weights_only=False`` was asked for (this project never unpickles arbitrary objects).

@@ -5,8 +5,9 @@ jsonargparse raises :class:`~jsonargparse.ArgumentError` (the parser has ``exit_
 argument it refused is found by parsing again without each one in turn (a config file's entries are tried
 one by one as the equivalent ``--key=value`` options); what is wrong with it is read from the parsed rest:
 the option's class (its ``class_path``, or the class of a section such as ``trainer``), that class's
-signature, and the annotation of the argument. When no single argument is to blame, the line is
-jsonargparse's own message on one line.
+signature, and the annotation of the argument. A module command's own options (``python -m
+lightning_sparse.export --batch_size x``) are explained from :class:`Options`: the names each answers to and
+what it accepts. When no single argument is to blame, the line is jsonargparse's own message on one line.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _explain(key: str, value: str | None, parsed: Any, sections: dict[str, type]
     """What is wrong with ``--key=value``, from the class that the rest of the arguments configure (or, for a
     module command's own options, from ``options``)."""
     if options is not None and not positional and "." not in key:
-        return _explain_option(key, value, parsed, prog, options)
+        return _explain_option(key, value, prog, options)
     parts, node, cls, at = key.split("."), parsed, None, 0
     for i, part in enumerate(parts):  # the deepest class on the key's path
         node = _child(node, part)
@@ -220,7 +221,7 @@ class Options:
         return "--" + next((name for name, d in self.spelled.items() if d == dest), dest)
 
 
-def _explain_option(key: str, value: str | None, parsed: Any, prog: str, options: Options) -> str:
+def _explain_option(key: str, value: str | None, prog: str, options: Options) -> str:
     dest = options.spelled.get(key)
     if dest is None:
         close = difflib.get_close_matches(key, list(options.spelled), n=1)
