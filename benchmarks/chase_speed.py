@@ -282,8 +282,9 @@ def plot_sweep(rows: list[dict], args: argparse.Namespace) -> None:
 def run_checkpoint(args: argparse.Namespace) -> None:
     from lightning_sparse.models import ImageClassifier
     from lightning_sparse.slim import channel_config
+    from lightning_sparse.utils.checkpoints import load_checkpoint
 
-    hp = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    hp = load_checkpoint(args.checkpoint)["hyper_parameters"]
     dense = ImageClassifier(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"]).model.eval()
     slim = ImageClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
     if channel_config(slim) == channel_config(dense):
@@ -297,7 +298,7 @@ def run_checkpoint(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)

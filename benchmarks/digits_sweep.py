@@ -243,4 +243,4 @@ def _is_one_shot(item: tuple[int, str, list[str]]) -> bool:
 
 
 if __name__ == "__main__":
-    CLI(main)
+    CLI(main, allow_abbrev=False)

@@ -19,7 +19,8 @@ from lightning_sparse.sparsity.targets import select_targets
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--drop-fraction", type=float, default=0.3)

@@ -123,7 +123,7 @@ def mask_pass(reps: int, device: str) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--reps50", type=int, default=5, help="interleaved repetitions, resnet50 steps")

@@ -109,12 +109,13 @@ def machine_info() -> dict[str, str]:
 
 def find_chase_checkpoint() -> Path | None:
     """Newest ``runs/**/*.ckpt`` holding a slimmed Chase state, or None."""
-    import torch
+    from lightning_sparse.utils.checkpoints import load_checkpoint
+    from lightning_sparse.utils.errors import InputError
 
     for path in sorted((ROOT / "runs").glob("**/*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - an unreadable file is not a candidate
+            ckpt = load_checkpoint(path)
+        except InputError:  # an unreadable or untrusted file is not a candidate
             continue
         if any(k.startswith("Chase") and s.get("arch") for k, s in ckpt.get("callbacks", {}).items()):
             return path
@@ -186,7 +187,8 @@ def render(info: dict[str, str], quick: bool, results: list[tuple[Bench, dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="modest settings (minutes on a 2-core CPU)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (names as in the report)")
     ap.add_argument("--chase-checkpoint", type=Path, help="Chase checkpoint for chase_checkpoint_speed")

@@ -101,7 +101,7 @@ def compare(**kwargs: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--m", type=int, default=4)
     parser.add_argument("--decay", type=float, default=0.1, help="SR-STE λ_W (STE uses 0)")

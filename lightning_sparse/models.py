@@ -19,6 +19,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_sparse.utils.checkpoints import load_checkpoint
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.inputs import example_inputs
 
 __all__ = ["ImageClassifier", "create_backbone", "warmup_cosine"]
@@ -85,9 +87,9 @@ def _read_weights(path: Path) -> tuple[dict[str, Any], str]:
     is read from it by :func:`lightning_sparse.slim.find_channel_config`.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"checkpoint_path={str(path)!r} is not a readable torch checkpoint: {err}") from None
+        state = load_checkpoint(path)
+    except InputError as err:  # missing, unreadable, or holding objects that are never unpickled
+        raise ValueError(f"checkpoint_path={str(path)!r}: {err}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint_path={str(path)!r} holds a {type(state).__name__}, not a state_dict.")
     is_lightning = "state_dict" in state and not str(state.get("format", "")).startswith("lightning_sparse.slim")

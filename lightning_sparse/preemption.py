@@ -7,6 +7,8 @@
   by another exception raised between training steps. Under SLURM auto-requeue it also moves Lightning's
   requeue handler (``SIGUSR1``: save ``hpc_ckpt_N.ckpt``, ``scontrol requeue``) from wherever the signal
   lands to the next batch boundary, so the HPC checkpoint is a consistent state too.
+- :class:`AtomicCheckpointIO` also reads every checkpoint Lightning loads (``ckpt_path=``) through
+  :func:`lightning_sparse.utils.checkpoints.load_checkpoint`: weights-only, under the project's one policy.
 - :func:`find_last_checkpoint` is what ``--ckpt_path last`` resolves to: the newest readable checkpoint
   of a run; an unreadable newest file falls back to the previous good one with one warning.
 """
@@ -23,11 +25,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
+
+from lightning_sparse.utils.checkpoints import TRUSTED_GLOBALS, load_checkpoint
+from lightning_sparse.utils.errors import InputError
 
 __all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "find_last_checkpoint", "checkpoint_is_readable"]
 
@@ -64,13 +70,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(dir_fd)
 
+    @override
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Load as :func:`lightning_sparse.utils.checkpoints.load_checkpoint` does: ``weights_only=True``, said
+        explicitly, for our own checkpoints and any other file (the reason is in that module's docstring).
+        ``map_location`` defaults to Lightning's (tensors stay on the CPU until the strategy moves them).
+
+        Raises:
+            ValueError: ``weights_only=False`` was asked for (this project never unpickles arbitrary objects).
+            UnreadableCheckpoint, UntrustedCheckpoint: as :func:`~lightning_sparse.utils.checkpoints.load_checkpoint`.
+        """
+        if weights_only is False:
+            raise ValueError(f"{type(self).__name__} loads every checkpoint with weights_only=True "
+                             "(lightning_sparse.utils.checkpoints); got weights_only=False.")
+        if "://" in str(path):  # remote file systems: Lightning's fsspec reader, with the same decision
+            with torch.serialization.safe_globals(list(TRUSTED_GLOBALS)):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(path, map_location=map_location)
+
 
 def checkpoint_is_readable(path: str | Path) -> str | None:
     """``None`` if ``path`` loads as a Lightning checkpoint, else the reason it does not."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure means "not usable"
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+        ckpt = load_checkpoint(path, mmap=True)
+    except InputError as err:  # missing, truncated, not a torch file, or holding objects we never unpickle
+        return str(err)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         return "not a Lightning checkpoint (no 'state_dict')"
     return None

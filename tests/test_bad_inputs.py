@@ -134,7 +134,7 @@ API_CASES = [
     ("unknown N:M layout", lambda t: _nm(layout="rows"), ValueError, r"'rows'"),
     ("unknown timm backbone", lambda t: _model(model_name="resnet181"), ValueError, r"resnet181.*resnet18"),
     ("unknown optimizer", lambda t: _model(optimizer="adam"), ValueError, r"optimizer='adam'"),
-    ("corrupt checkpoint file", _corrupt_checkpoint, ValueError, r"corrupt.pth' is not a readable torch checkpoint"),
+    ("corrupt checkpoint file", _corrupt_checkpoint, ValueError, r"corrupt.pth' is not a readable checkpoint"),
     ("foreign checkpoint", _foreign_checkpoint, ValueError, r"resnet18.pth' does not fit 'resnet10t'"),
     ("NaN loss during mask updates", _nan_at_update, FloatingPointError,
      r"non-finite (weight|gradient) in 'body.0.weight' at step 4; refusing the mask update after 2 postponements"),

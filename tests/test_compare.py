@@ -209,7 +209,7 @@ def test_bad_inputs_name_the_path(runs: Path, tmp_path: Path, capsys: pytest.Cap
     corrupt = tmp_path / "runs" / "corrupt" / "version_0"
     _copy_run(runs / "rigl" / "version_0", corrupt, "*.ckpt")
     (corrupt / "checkpoints" / "best-000.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"best-000.ckpt' is not a readable Lightning checkpoint"):
+    with pytest.raises(ValueError, match=r"best-000.ckpt' is not a readable checkpoint"):
         compare([str(corrupt)], out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are valid
     with pytest.raises(SystemExit) as exc:

@@ -211,7 +211,7 @@ def test_export_bad_inputs(runs, slim_file, tmp_path):
         export_checkpoint(str(tmp_path / "missing.ckpt"), out=str(tmp_path / "o1"))
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable torch file"):
+    with pytest.raises(ValueError, match="notes.ckpt' is not a readable checkpoint: not a torch.save zip file"):
         export_checkpoint(str(text), out=str(tmp_path / "o2"))
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(2)}, other)

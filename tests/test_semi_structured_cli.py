@@ -93,18 +93,23 @@ def test_cli_table_also_printed_on_a_gpu(monkeypatch, capsys, few_runs):
         (["--linear", "64x64", "--runs", "10"], "--runs must be >= 50, got 10"),
         (["--model", "vit_tiny_patch16_224"], "--model needs --random-init"),
         (["--linear", "64by64"], "--linear must look like INxOUT"),
-        (["--linear", "64x64", "--dtype", "float32"], "invalid choice: 'float32'"),
+        (["--linear", "64x64", "--dtype", "float32"], "--dtype=float32: expected one of ['float16', 'bfloat16']"),
+        (["--linear", "64x64", "--batch", "8"], "--batch: unknown option; did you mean --batch-size?"),
+        (["--linear", "64x64", "--batch-size", "x"], "--batch-size=x: expected int (one or more)"),
+        (["--linear", "64x64", "--model", "resnet18"], "--linear, --model: give only one of --checkpoint, --model, --linear"),
     ],
 )
 def test_cli_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         benchmark_main(argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("python -m lightning_sparse.benchmark: error: ") and message in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
 def test_runs_without_optional_extras():
-    """As on a GPU box with only torch/timm/lightning: no wandb, jsonargparse or torch_pruning importable.
+    """As on a GPU box with only torch, timm and jsonargparse: no wandb, Lightning or torch_pruning importable.
 
     (``lightning_sparse.callbacks`` as a package imports Chase -> ``lightning_sparse.slim`` -> torch_pruning,
     so the callback is checked through its own file's dependencies only: ``_base`` and the plain module.)"""
@@ -113,7 +118,7 @@ def test_runs_without_optional_extras():
         import importlib.abc, sys
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {"wandb", "jsonargparse", "torch_pruning"}:
+                if name.split(".")[0] in {"wandb", "torch_pruning", "pytorch_lightning", "lightning_fabric"}:
                     raise ImportError(f"blocked {name}")
         sys.meta_path.insert(0, Block())
         from lightning_sparse.semi_structured import semi_structured_eligibility

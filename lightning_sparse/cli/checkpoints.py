@@ -10,6 +10,7 @@ from typing import Any
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_sparse.preemption import LAST_PATTERNS, checkpoint_is_readable, find_last_checkpoint
+from lightning_sparse.utils.checkpoints import load_checkpoint
 
 __all__ = ["RUNS_DIR", "best_checkpoint", "best_checkpoint_patterns", "last_checkpoint_patterns", "resolve_ckpt_path"]
 
@@ -50,7 +51,7 @@ def resolve_ckpt_path(cfg: Any, quiet: bool = False) -> None:
         raise FileNotFoundError(f"--ckpt_path={path!r}: no such file. Pass a .ckpt file, or 'last' / 'best'.")
     elif path not in ("best", "hpc") and Path(path).is_file() and (reason := checkpoint_is_readable(path)):
         raise ValueError(
-            f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason}). "
+            f"--ckpt_path={path!r} is not a readable Lightning checkpoint ({reason.rstrip('.')}). "
             "Pass a .ckpt file written by this project's training, or 'last' / 'best'."
         )
 
@@ -74,9 +75,7 @@ def best_checkpoint(cfg: Any) -> Path | None:
     in_dir = sorted((p for p in files if p.parent == newest_dir), key=lambda p: p.stat().st_mtime)
     last = newest_dir / "last.ckpt"
     if len(in_dir) > 1 and last.is_file() and not checkpoint_is_readable(str(last)):
-        import torch
-
-        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {})
+        state = load_checkpoint(last, mmap=True).get("callbacks", {})
         named = {Path(v.get("best_model_path") or "").name for k, v in state.items() if k.startswith("ModelCheckpoint")}
         in_dir = [p for p in in_dir if p.name in named] or in_dir
     return in_dir[-1]

@@ -17,14 +17,14 @@ Four sources, each through what the libraries document:
   is the first configured one (``sparsity``, ``trainer.callbacks``, ``model``, ``data``) whose argument the
   message names as `` `name` `` or ``name=`` (the project's message format, STYLE.md).
 
-``JSONARGPARSE_DEBUG=1`` shows the full traceback instead.
+``JSONARGPARSE_DEBUG=true`` shows the full traceback instead. The line itself (:func:`fail`, :class:`BadValue`,
+:func:`debug`) is :mod:`lightning_sparse.utils.errors`'s, shared with the module commands
+(:mod:`lightning_sparse.cli.commands`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any
 
 import pytorch_lightning as pl
@@ -32,25 +32,10 @@ from typing_extensions import override
 
 from lightning_sparse.cli.parser import INPUT_ERRORS, RefusedArguments
 from lightning_sparse.run.resolve import resolve_class
+from lightning_sparse.utils.errors import BadValue, debug, fail
 
 __all__ = ["BadValue", "LoopsStarted", "class_nodes", "debug", "fail", "hook_error_line", "instances_of",
            "mentioned_argument", "option_path_of", "refused_line", "trainer_error_line"]
-
-
-class BadValue(SystemExit):
-    """Exit code 2 after one printed line (the CLI's usage-error code, as jsonargparse uses)."""
-
-
-def debug() -> bool:
-    """``JSONARGPARSE_DEBUG`` is set: show tracebacks, not one line."""
-    return os.environ.get("JSONARGPARSE_DEBUG", "").lower() not in ("", "0", "false")
-
-
-def fail(prog: str, line: str) -> BadValue:
-    """Print ``<prog>: error: <line>`` on stderr and return the exit-code-2 exception to raise."""
-    sys.stderr.write(f"{prog}: error: {' '.join(line.split())}\n")
-    sys.stderr.flush()
-    return BadValue(2)
 
 
 class LoopsStarted(pl.Callback):

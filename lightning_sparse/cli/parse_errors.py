@@ -5,8 +5,9 @@ jsonargparse raises :class:`~jsonargparse.ArgumentError` (the parser has ``exit_
 argument it refused is found by parsing again without each one in turn (a config file's entries are tried
 one by one as the equivalent ``--key=value`` options); what is wrong with it is read from the parsed rest:
 the option's class (its ``class_path``, or the class of a section such as ``trainer``), that class's
-signature, and the annotation of the argument. When no single argument is to blame, the line is
-jsonargparse's own message on one line.
+signature, and the annotation of the argument. A module command's own options (``python -m
+lightning_sparse.export --batch_size x``) are explained from :class:`Options`: the names each answers to and
+what it accepts. When no single argument is to blame, the line is jsonargparse's own message on one line.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import json
 import types
 import typing
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import ArgumentError
 
-from lightning_sparse.run.resolve import resolve_class
-
-__all__ = ["describe_type", "option_groups", "parse_error_line"]
+__all__ = ["Options", "describe_type", "option_groups", "parse_error_line"]
 
 Parse = Callable[[list[str]], Any]
 _ALWAYS_SKIPPED = ("--print_config", "--help", "-h")
@@ -112,6 +112,8 @@ def _missing_config(groups: list[list[str]]) -> str | None:
 
 
 def _resolve(class_path: str) -> Any:
+    from lightning_sparse.run.resolve import resolve_class  # on first use: the module commands parse without it
+
     return resolve_class(class_path)
 
 
@@ -141,8 +143,12 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _explain(key: str, value: str | None, parsed: Any, sections: dict[str, type], bases: dict[str, type],
-             prog: str, subcommands: tuple[str, ...] = (), positional: bool = False) -> str:
-    """What is wrong with ``--key=value``, from the class that the rest of the arguments configure."""
+             prog: str, subcommands: tuple[str, ...] = (), positional: bool = False,
+             options: Options | None = None) -> str:
+    """What is wrong with ``--key=value``, from the class that the rest of the arguments configure (or, for a
+    module command's own options, from ``options``)."""
+    if options is not None and not positional and "." not in key:
+        return _explain_option(key, value, prog, options)
     parts, node, cls, at = key.split("."), parsed, None, 0
     for i, part in enumerate(parts):  # the deepest class on the key's path
         node = _child(node, part)
@@ -159,6 +165,8 @@ def _explain(key: str, value: str | None, parsed: Any, sections: dict[str, type]
     rest = [p for p in parts[at:] if p != "init_args"] if cls is not None else parts
     section = ".".join(parts[:at])
     shown = lambda path: f"{path}={value}" if value is not None else path  # noqa: E731
+    if positional and not subcommands:
+        return f"{key}: unexpected argument (options: {prog} --help)"
     if positional:
         return f"{key}: unknown subcommand or argument (subcommands: {', '.join(subcommands)}; options: {prog} --help)"
     if cls is None and key in bases and value is not None:
@@ -194,8 +202,50 @@ def _explain(key: str, value: str | None, parsed: Any, sections: dict[str, type]
     return f"{shown(path)}: expected {expected} ({name}; {more})"
 
 
+@dataclass(frozen=True)
+class Options:
+    """A module command's own options (``python -m lightning_sparse.export --batch_size 8``).
+
+    Attributes:
+        expected: ``{dest: what it accepts}``, e.g. ``{"batch_size": "int"}``.
+        spelled: ``{option name without dashes: dest}`` for every name an option answers to
+            (``{"batch-size": "batch_size", "batch_size": "batch_size"}``); the first name of a dest is shown.
+        exclusive: the dests of each mutually exclusive group.
+    """
+
+    expected: Mapping[str, str]
+    spelled: Mapping[str, str]
+    exclusive: tuple[tuple[str, ...], ...] = ()
+
+    def shown(self, dest: str) -> str:
+        return "--" + next((name for name, d in self.spelled.items() if d == dest), dest)
+
+
+def _explain_option(key: str, value: str | None, prog: str, options: Options) -> str:
+    dest = options.spelled.get(key)
+    if dest is None:
+        close = difflib.get_close_matches(key, list(options.spelled), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        return f"--{key}: unknown option{hint} (options: {prog} --help)"
+    shown = f"--{key}={value}" if value is not None else f"--{key}"
+    if dest in options.expected:
+        return f"{shown}: expected {options.expected[dest]} (options: {prog} --help)"
+    return f"{shown}: not accepted (options: {prog} --help)"
+
+
+def _exclusive(groups: list[list[str]], prog: str, options: Options) -> str | None:
+    """Two options of one mutually exclusive group: the line naming them."""
+    for dests in options.exclusive:
+        given = [g[0].partition("=")[0] for g in groups if options.spelled.get(_key_value(g)[0]) in dests]
+        if len(given) > 1:
+            allowed = ", ".join(options.shown(d) for d in dests)
+            return f"{', '.join(given)}: give only one of {allowed} (options: {prog} --help)"
+    return None
+
+
 def parse_error_line(parse: Parse, argv: list[str], message: str, subcommands: tuple[str, ...],
-                     sections: dict[str, type], bases: dict[str, type], prog: str) -> str:
+                     sections: dict[str, type], bases: dict[str, type], prog: str,
+                     options: Options | None = None) -> str:
     """One line for the arguments ``argv`` that ``parse`` refused with ``message``.
 
     Args:
@@ -206,19 +256,23 @@ def parse_error_line(parse: Parse, argv: list[str], message: str, subcommands: t
         sections: ``{option: class}`` of class groups without a ``class_path`` (``trainer``, ...).
         bases: ``{option: base class}`` of the options that take a ``class_path``.
         prog: the program name for the ``--help`` hint.
+        options: a module command's own options: what each accepts and the names it answers to.
     """
     lead, groups = option_groups(argv, subcommands)
     missing = _missing_config(groups)
     if missing:
         return missing
     groups = [g for g in groups if not _skipped(g)]
+    conflict = _exclusive(groups, prog, options) if options is not None else None
+    if conflict:
+        return conflict
     sub = lead[0] if lead else None
     part = (lambda parsed: parsed[sub]) if sub else (lambda parsed: parsed)
     found = _leave_one_out(parse, lead, groups, range(len(groups)))
     if found is not None and not _is_config(groups[found[0]]):
         key, value = _key_value(groups[found[0]])
         positional = not groups[found[0]][0].startswith("-")
-        return _explain(key, value, part(found[1]), sections, bases, prog, subcommands, positional)
+        return _explain(key, value, part(found[1]), sections, bases, prog, subcommands, positional, options)
     for i, group in enumerate(groups):  # an entry of a config file
         key, value = _key_value(group)
         if not _is_config(group) or value is None or not Path(value).is_file():

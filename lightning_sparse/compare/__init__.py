@@ -43,6 +43,7 @@ from lightning_sparse.compare.runs import (
     train_time,
 )
 from lightning_sparse.run import measure_costs
+from lightning_sparse.utils.errors import InputError
 
 SAD_KEYS = ("sad/global_norm", "sad/global_vs_init_norm")
 
@@ -105,15 +106,21 @@ def compare(runs: list[str], out: str = "comparison", wandb: bool = False, image
         The table rows (column -> value, None where a run lacks it).
 
     Raises:
-        ValueError: no runs, a pattern that matches nothing, or ``reps`` < 5 with timing on.
+        InputError: (a ``ValueError``) no runs, a pattern that matches nothing, an argument out of range (``reps``
+            < 5 with timing on), an ``out`` that is a file, or a run whose checkpoint cannot be loaded (the message
+            names it).
         NotARunError: a path that is not a run directory (the message names it).
     """
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got threads={threads}.")
     if timing and (isinstance(reps, bool) or not isinstance(reps, int) or reps < MIN_REPS):
-        raise ValueError(f"reps must be an int >= {MIN_REPS} (timings are the median and range over the repetitions), "
+        raise InputError(f"reps must be an int >= {MIN_REPS} (timings are the median and range over the repetitions), "
                          f"got reps={reps!r}; pass --no_timing to skip the timing.")
+    if reps < 1 or batch_size < 1:
+        raise InputError(f"reps and batch_size must be >= 1, got reps={reps}, batch_size={batch_size}.")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"out={str(out)!r} exists and is not a folder.")
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got threads={threads}.")
         torch.set_num_threads(threads)
     paths = resolve_runs(list(runs))
     loaded = [read_run(p) for p in paths]

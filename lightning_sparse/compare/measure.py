@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_sparse.compare.runs import Run
 from lightning_sparse.run import RunModel, config_image_size, load_run_model
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.fold import fold_batchnorm
 from lightning_sparse.utils.inputs import example_inputs
 from lightning_sparse.utils.timing import interleaved_times
@@ -53,7 +54,7 @@ def time_interleaved(models: list[nn.Module], input_shapes: list[tuple[int, ...]
     order given.
     """
     if reps < 1 or batch_size < 1:
-        raise ValueError(f"reps and batch_size must be >= 1, got reps={reps}, batch_size={batch_size}.")
+        raise InputError(f"reps and batch_size must be >= 1, got reps={reps}, batch_size={batch_size}.")
     fns = []
     for i, (model, shape) in enumerate(zip(models, input_shapes)):
         x1, xb = example_inputs(shape, 1, seed=2 * i), example_inputs(shape, batch_size, seed=2 * i + 1)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from lightning_sparse.run.folder import LATEST, expand_latest
 from lightning_sparse.run.resolve import resolve_class
+from lightning_sparse.utils.checkpoints import load_checkpoint
+from lightning_sparse.utils.errors import InputError
 
 __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method", "last_value", "series", "train_budget",
            "train_time"]
@@ -25,7 +26,7 @@ __all__ = ["NotARunError", "Run", "resolve_runs", "read_run", "describe_method",
 _VERSION = re.compile(r"^version_(\d+)$")
 
 
-class NotARunError(ValueError):
+class NotARunError(InputError):
     """A path given to compare is not a run directory."""
 
 
@@ -72,13 +73,13 @@ def resolve_runs(patterns: list[str]) -> list[Path]:
             ``runs/<name>`` directory whose latest ``version_N`` is one; the message names it.
     """
     if not patterns:
-        raise ValueError("no runs given: pass run directories or glob patterns, e.g. 'runs/*'.")
+        raise InputError("no runs given: pass run directories or glob patterns, e.g. 'runs/*'.")
     out: list[Path] = []
     for pattern in patterns:
         # a glob skips runs/<name>/latest (an alias of a version it also matches)
         matches = sorted(m for m in glob.glob(pattern) if Path(m).name != LATEST) if glob.has_magic(pattern) else [pattern]
         if not matches or not Path(matches[0]).exists():
-            raise ValueError(f"{pattern!r} matches no file or directory.")
+            raise InputError(f"{pattern!r} matches no file or directory.")
         for match in map(expand_latest, matches):  # runs/<name>/latest: the link, or its text-file fallback
             run = match if _is_run(match) else None
             if run is None and match.is_dir():
@@ -154,7 +155,7 @@ def pick_checkpoint(path: Path, config: dict[str, Any]) -> tuple[Path | None, Pa
     if _changes_architecture(config) and last is not None:
         return last, last
     if len(best) > 1 and last is not None:  # save_top_k > 1: ask the checkpoint callback which is best
-        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        state = load_checkpoint(last, mmap=True)
         named = [s.get("best_model_path") for k, s in state.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")]
         best = [p for p in best if str(p) in named or p.name in {Path(n).name for n in named if n}] or best
     return (best[0] if best else last), last
@@ -238,7 +239,7 @@ def train_time(run: Run) -> tuple[float | None, str | None]:
     time between writing ``config.yaml`` (fit start) and ``last.ckpt`` (end of the last epoch)."""
     if run.last_checkpoint is None:
         return None, None
-    state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    state = load_checkpoint(run.last_checkpoint, mmap=True)
     for key, value in state.get("callbacks", {}).items():
         if key.startswith("Timer") and isinstance(value, dict):
             elapsed = (value.get("time_elapsed") or {}).get("train")
@@ -283,7 +284,7 @@ def train_budget(run: Run) -> dict[str, Any]:
     out: dict[str, Any] = {"epochs": None, "optimizer_steps": None, "train_batches": None, "images_seen": None}
     if run.last_checkpoint is None:
         return out
-    state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    state = load_checkpoint(run.last_checkpoint, mmap=True)
     progress = ((state.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
     if "epoch" in state:  # saved at the end of an epoch: that epoch counts; mid-epoch: the whole ones before it
         out["epochs"] = int(state["epoch"]) + (1 if progress.get("is_last_batch") else 0)

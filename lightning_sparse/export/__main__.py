@@ -3,7 +3,11 @@
 Options are the arguments of :func:`~lightning_sparse.export.export_checkpoint` (jsonargparse):
 ``--out``, ``--batch_size``, ``--image_size``, ``--threads``, ``--reps``, ``--warmup``, ``--no_bench``,
 ``--overwrite``, ``--atol``. Dashes work too (``--batch-size``), and a flag given alone means true
-(``--no-bench`` = ``--no_bench true``).
+(``--no-bench`` = ``--no_bench true``). An option is never matched by a prefix (``--batch`` is unknown).
+
+Bad input (an unknown option, a value of the wrong type, a missing, unreadable or foreign checkpoint, a
+non-empty ``--out``) ends with one line, ``python -m lightning_sparse.export: error: ...``, and exit code 2
+(:mod:`lightning_sparse.cli.commands`).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import inspect
 import sys
 
-from jsonargparse import auto_cli
-
+from lightning_sparse.cli.commands import command_options, command_parser, run_command
 from lightning_sparse.export.exporter import export_checkpoint
+
+PROG = "python -m lightning_sparse.export"
 
 _FLAGS = ("no_bench", "overwrite")
 
@@ -36,7 +41,11 @@ def _normalise(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = auto_cli(export_checkpoint, args=_normalise(list(sys.argv[1:] if argv is None else argv)))
+    parser = command_parser(PROG, export_checkpoint.__doc__.split("\n")[0])
+    parser.add_function_arguments(export_checkpoint, as_positional=True)
+    options = command_options(function=export_checkpoint, skip={"checkpoint"})
+    args = _normalise(list(sys.argv[1:] if argv is None else argv))
+    path = run_command(PROG, parser, args, lambda cfg: export_checkpoint(**cfg.as_dict()), options)
     print(f"wrote {path}/model.pt, model.onnx, report.md, report.json")
     print((path / "report.md").read_text())
 

@@ -16,6 +16,7 @@ from lightning_sparse.export.report import model_costs, timing_rows, write_repor
 from lightning_sparse.export.runners import eager_runner, onnxruntime_runner
 from lightning_sparse.run import RunModel, load_run_model
 from lightning_sparse.slim import export_slim
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.timing import interleaved_times
 
 __all__ = ["export_checkpoint"]
@@ -26,14 +27,14 @@ PARITY_BATCH = 4
 def _positive(**values: Any) -> None:
     for name, v in values.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive int, got {name}={v!r}.")
+            raise InputError(f"{name} must be a positive int, got {name}={v!r}.")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} exists and is not a folder.")
+        raise InputError(f"out={str(out)!r} exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"out={str(out)!r} exists and is not empty; pass --overwrite true to replace it.")
+        raise InputError(f"out={str(out)!r} exists and is not empty; pass --overwrite true to replace it.")
 
 
 def _benchmark(src: RunModel, folded: torch.nn.Module, onnx_path: Path, work: Path, batch_size: int,
@@ -105,14 +106,15 @@ def export_checkpoint(
         ``out``.
 
     Raises:
-        ValueError: bad arguments, a missing/unreadable/unsupported checkpoint, or a non-empty ``out``.
+        InputError: (a ``ValueError``) bad arguments, a missing/unreadable/unsupported checkpoint, or a non-empty
+            ``out``.
         ParityError: onnxruntime's logits differ from PyTorch's by more than ``atol``.
     """
     _positive(batch_size=batch_size, image_size=image_size, threads=threads, reps=reps)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got warmup={warmup!r}.")
+        raise InputError(f"warmup must be an int >= 0, got warmup={warmup!r}.")
     if not atol > 0:
-        raise ValueError(f"atol must be > 0, got atol={atol!r}.")
+        raise InputError(f"atol must be > 0, got atol={atol!r}.")
     out_path = Path(out)
     _check_out(out_path, overwrite)
     src = load_run_model(checkpoint, image_size)

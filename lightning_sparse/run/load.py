@@ -31,6 +31,8 @@ from lightning_sparse.run.resolve import config_image_size, find_config, resolve
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
 from lightning_sparse.sparsity.nm import bake_nm, nm_violations
+from lightning_sparse.utils.checkpoints import load_checkpoint
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.inputs import example_inputs
 from lightning_sparse.utils.modules import first_conv
 
@@ -40,8 +42,8 @@ _PREFIX = "model."  # the timm backbone inside ImageClassifier
 _CLASSIFIER_KEYS = ("model_name", "num_classes", "in_chans")  # its hyper-parameters that build the backbone
 
 
-def _not_a_checkpoint(path: Path, why: str) -> ValueError:
-    return ValueError(
+def _not_a_checkpoint(path: Path, why: str) -> InputError:
+    return InputError(
         f"checkpoint={str(path)!r} {why}; expected a Lightning checkpoint of an ImageClassifier run "
         f"or a slim export file ({SLIM_FORMAT!r})."
     )
@@ -50,14 +52,7 @@ def _not_a_checkpoint(path: Path, why: str) -> ValueError:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise _not_a_checkpoint(path, "does not exist or is not a file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a checkpoint holding other Python objects: load it fully
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise _not_a_checkpoint(path, "is not a readable Lightning checkpoint or slim export (not a readable "
-                                          f"torch file: {type(err).__name__})") from None
+    payload = load_checkpoint(path)  # the messages of its InputErrors name the file
     if not isinstance(payload, dict):
         raise _not_a_checkpoint(path, f"holds a {type(payload).__name__}")
     return payload
@@ -98,7 +93,7 @@ def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
             for name, mask in (cb.get(table) or {}).items():
                 w = state.get(name)
                 if w is None or tuple(w.shape) != tuple(mask.shape):
-                    raise ValueError(
+                    raise InputError(
                         f"the {table!r} of callback {key} do not fit the stored weights at {name!r} "
                         f"(mask {tuple(mask.shape)}, weight {None if w is None else tuple(w.shape)})."
                     )
@@ -106,7 +101,7 @@ def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
                 if outside:
                     bad[name] = bad.get(name, 0) + outside
         if bad:
-            raise ValueError(f"weights are nonzero outside the masks of callback {key}: {bad}; the checkpoint is inconsistent.")
+            raise InputError(f"weights are nonzero outside the masks of callback {key}: {bad}; the checkpoint is inconsistent.")
         notes.append(f"{key.split('{')[0]}: masks of {len(cb['masks'])} weights checked, applied to the stored weights.")
     return notes
 
@@ -131,7 +126,7 @@ def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torc
             slim_model(model, todo, x[:1])
             diff = (model(x) - before).abs().max().item()
         if diff > 1e-4 * max(1.0, before.abs().max().item()):
-            raise ValueError(f"callback {key}: removing its zeroed channels changed the logits by {diff:.3g}; "
+            raise InputError(f"callback {key}: removing its zeroed channels changed the logits by {diff:.3g}; "
                              "the removed channels are not all zero in the stored weights.")
         notes.append(f"{key.split('{')[0]}: {sum(map(len, todo.values()))} zeroed channels of {len(todo)} convs "
                      "removed (the run kept them as zeros).")
@@ -153,7 +148,7 @@ def _bake_nm(model: nn.Module, payload: Mapping[str, Any], prefix: str = _PREFIX
         warmup = int(cb.get("dense_warmup_steps", 0))
         names = [t[len(prefix):] for t in cb.get("targets") or [] if t.startswith(prefix)]
         if not names:
-            raise ValueError(f"callback {key} lists no target weights of the backbone; cannot bake its masks.")
+            raise InputError(f"callback {key} lists no target weights of the backbone; cannot bake its masks.")
         if step < warmup:
             notes.append(f"{key}: checkpoint at step {step}, before dense_warmup_steps={warmup}: "
                          "the forward was dense, weights exported without N:M masks.")
@@ -173,10 +168,10 @@ def _fixed_nm(model: nn.Module, key: str, cb: Mapping[str, Any], prefix: str = _
     for target in cb.get("masks") or {}:
         name = target[len(prefix):] if target.startswith(prefix) else target
         if name not in params:
-            raise ValueError(f"callback {key} masks {target!r}, which the backbone does not have.")
+            raise InputError(f"callback {key} masks {target!r}, which the backbone does not have.")
         bad = nm_violations(params[name].detach(), pattern.n, pattern.m, layout)
         if bad:
-            raise ValueError(f"callback {key}: {target!r} has {bad} groups with more than {pattern.n} nonzeros of "
+            raise InputError(f"callback {key}: {target!r} has {bad} groups with more than {pattern.n} nonzeros of "
                              f"{pattern.m}; the stored weights do not hold its {pattern} masks.")
         out[name] = pattern
     return out
@@ -201,7 +196,7 @@ def _from_config_class(path: Path, payload: Mapping[str, Any], image_size: int |
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {spec['class_path']}: {err}") from None
+        raise InputError(f"checkpoint={str(path)!r}: its weights do not fit {spec['class_path']}: {err}") from None
     notes = _check_masks(payload, state)
     nm, nm_notes = _bake_nm(model, payload, prefix="")
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -226,7 +221,7 @@ def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None,
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint={str(path)!r}: its weights do not fit {arch!r}: {err}") from None
+        raise InputError(f"checkpoint={str(path)!r}: its weights do not fit {arch!r}: {err}") from None
     notes = _check_masks(payload, state)
     if remove_zeroed_channels:
         notes += _slim_removed_channels(model, payload, example_inputs(shape, batch_size=2))
@@ -252,8 +247,11 @@ def load_run_model(path: str | Path, image_size: int | None = None, *, model_def
             (``compare`` does this; an export needs a timm backbone).
 
     Raises:
-        ValueError: a missing or unreadable file, a file that is neither kind, weights that do not fit,
-            masks that are not applied, or an unknown input size (:class:`UnknownImageSize`).
+        InputError: (a ``ValueError``) a missing or unreadable file, a file that is neither kind, weights that
+            do not fit, masks that are not applied, or an unknown input size (:class:`UnknownImageSize`).
+            Among them (:func:`lightning_sparse.utils.checkpoints.load_checkpoint`): ``UnreadableCheckpoint``
+            (truncated, not a ``torch.save`` zip file) and ``UntrustedCheckpoint`` (a pickle that would build
+            objects our checkpoints never hold; refused unread).
     """
     path = Path(path)
     payload = _read(path)

@@ -10,10 +10,12 @@ from typing import Any
 
 import yaml
 
+from lightning_sparse.utils.errors import InputError
+
 __all__ = ["UnknownImageSize", "config_image_size", "find_config", "resolve_class", "resolve_image_size"]
 
 
-class UnknownImageSize(ValueError):
+class UnknownImageSize(InputError):
     """Nothing a run holds tells its input image size, and none was given."""
 
 
@@ -29,11 +31,11 @@ def resolve_class(class_path: str) -> type:
     """
     module, _, name = str(class_path).rpartition(".")
     if not module or not name:
-        raise ValueError(f"class_path={class_path!r} is not a dotted path 'module.Name'.")
+        raise InputError(f"class_path={class_path!r} is not a dotted path 'module.Name'.")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(
+        raise InputError(
             f"class_path={class_path!r} names no importable class ({type(err).__name__}: {err})."
         ) from None
 
@@ -76,7 +78,7 @@ def resolve_image_size(override: int | None, found: Iterable[Any], what: str, wh
     """
     if override is not None:
         if isinstance(override, bool) or not isinstance(override, int) or override < 1:
-            raise ValueError(f"image_size must be a positive int, got image_size={override!r}.")
+            raise InputError(f"image_size must be a positive int, got image_size={override!r}.")
         return override
     size = next((int(s) for s in found if isinstance(s, int) and not isinstance(s, bool)), None)
     if size is None:

@@ -2,8 +2,10 @@
 
 ``python -m lightning_sparse.benchmark`` (or ``python -m lightning_sparse.semi_structured``) runs :func:`main`.
 
-It uses the standard library's argparse rather than LightningCLI on purpose: GPU machines often carry a bare
-torch + timm install, and this entry point must run there without the project's optional dependencies.
+Its parser is jsonargparse's, set up as every other command's (:mod:`lightning_sparse.cli.commands`: no option
+matched by a prefix, bad input answered with one line). It needs torch, timm and jsonargparse (a small,
+pure-Python dependency of the project) only: not the training CLI, W&B or Torch-Pruning, so it runs on a GPU
+machine with a bare install of those.
 
 Commands (an NVIDIA GPU: cuSPARSELt needs compute capability >= 8.0, CUTLASS 8.x)::
 
@@ -18,7 +20,8 @@ Commands (an NVIDIA GPU: cuSPARSELt needs compute capability >= 8.0, CUTLASS 8.x
     # a trained ImageClassifier checkpoint (2:4 masks are baked by magnitude into every eligible linear)
     python -m lightning_sparse.benchmark --checkpoint runs/<name>/version_0/checkpoints/last.ckpt
 
-Inputs are checked first (a missing checkpoint or an unknown timm model is a usage error, exit 2). The
+Inputs are checked first: an unknown option, a bad value, a missing or foreign checkpoint or an unknown timm
+model ends with one line, ``python -m lightning_sparse.benchmark: error: ...``, and exit code 2. The
 per-layer eligibility table (which ``nn.Linear`` can hold a 2:4 weight, and why the others cannot) does not
 depend on the device and is printed everywhere, CPU included. On a machine without a suitable GPU, or a model
 where no layer converts, it says why it skipped and exits 0; on CPU it ends with the command to run and the
@@ -38,8 +41,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentParser, Namespace
 from torch import nn
 
+from lightning_sparse.cli.commands import command_options, command_parser, run_command
+from lightning_sparse.cli.parse_errors import Options
 from lightning_sparse.semi_structured import (
     BACKEND_CAPABILITY,
     BACKENDS,
@@ -52,10 +58,15 @@ from lightning_sparse.semi_structured import (
     semi_structured_eligibility,
     skip_reason,
 )
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.tables import text_table
 
+PROG = "python -m lightning_sparse.benchmark"
 
-def _linear_shape(text: str) -> tuple[int, int]:
+
+def _linear_shape(text: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(text, tuple):  # jsonargparse checks a parsed value again with the same type
+        return text
     try:
         a, b = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -65,35 +76,41 @@ def _linear_shape(text: str) -> tuple[int, int]:
     return a, b
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lightning_sparse.benchmark",
-        description="Dense 2:4-masked vs torch.sparse semi-structured (2:4) inference: CUDA-event and host medians.",
-    )
+def build_parser() -> tuple[ArgumentParser, Options]:
+    """The parser and what its options accept (for the one-line errors)."""
+    p = command_parser(PROG, "Dense 2:4-masked vs torch.sparse semi-structured (2:4) inference: CUDA-event and host "
+                             "medians.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="Lightning checkpoint of lightning_sparse.models.ImageClassifier")
-    src.add_argument("--model", help="timm model name (use with --random-init)")
-    src.add_argument("--linear", type=_linear_shape, nargs="+", metavar="INxOUT",
-                     help="one or more single nn.Linear(IN, OUT) layers, input (batch, IN)")
-    p.add_argument("--random-init", action="store_true", help="random weights for --model (no downloads)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size for --model")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input H=W (default: the model's own; ViTs are built for this size)")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"])
-    p.add_argument("--batch-size", nargs="+", type=int, default=[64])
-    p.add_argument("--backend", choices=list(BACKENDS), default="cusparselt")
-    p.add_argument("--runner", nargs="+", choices=list(RUNNERS), default=["eager"],
-                   help="eager (host overhead included), cuda-graph (kernel time), compile (torch.compile)")
-    p.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1 (default: the current one)")
-    p.add_argument("--search", action="store_true", help="cuSPARSELt algorithm search per layer")
-    p.add_argument("--kernel-layout", action="store_true",
-                   help="leave each sparse linear's output in the layout the kernel returned (times the kernel "
-                        "alone; by default outputs are made row-major, as the next layer of a model needs)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--runs", type=int, default=100, help=f"timed runs (>= {MIN_RUNS}); medians are reported")
-    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
-    p.add_argument("--json", default=None, help="also write all reports to this JSON file")
-    return p
+    sources = [
+        src.add_argument("--checkpoint", help="Lightning checkpoint of lightning_sparse.models.ImageClassifier"),
+        src.add_argument("--model", help="timm model name (use with --random-init)"),
+        src.add_argument("--linear", type=_linear_shape, nargs="+", metavar="INxOUT",
+                         help="one or more single nn.Linear(IN, OUT) layers, input (batch, IN)"),
+    ]
+    actions = [
+        *sources,
+        p.add_argument("--random-init", action="store_true", help="random weights for --model (no downloads)"),
+        p.add_argument("--num-classes", type=int, default=1000, help="classifier size for --model"),
+        p.add_argument("--image-size", type=int, default=None,
+                       help="input H=W (default: the model's own; ViTs are built for this size)"),
+        p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"]),
+        p.add_argument("--batch-size", nargs="+", type=int, default=[64]),
+        p.add_argument("--backend", choices=list(BACKENDS), default="cusparselt"),
+        p.add_argument("--runner", nargs="+", choices=list(RUNNERS), default=["eager"],
+                       help="eager (host overhead included), cuda-graph (kernel time), compile (torch.compile)"),
+        p.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1 (default: the current one)"),
+        p.add_argument("--search", action="store_true", help="cuSPARSELt algorithm search per layer"),
+        p.add_argument("--kernel-layout", action="store_true",
+                       help="leave each sparse linear's output in the layout the kernel returned (times the kernel "
+                            "alone; by default outputs are made row-major, as the next layer of a model needs)"),
+        p.add_argument("--warmup", type=int, default=10),
+        p.add_argument("--runs", type=int, default=100, help=f"timed runs (>= {MIN_RUNS}); medians are reported"),
+        p.add_argument("--no-layers", action="store_true", help="skip the per-layer table"),
+        p.add_argument("--json", default=None, help="also write all reports to this JSON file"),
+    ]
+    ints = {"num_classes": "int", "image_size": "int", "batch_size": "int (one or more)", "warmup": "int",
+            "runs": "int"}
+    return p, command_options(actions, expected=ints, exclusive=[sources])
 
 
 def _timm_input_shape(backbone: nn.Module, in_chans: int, image_size: int | None) -> tuple[int, ...]:
@@ -119,7 +136,7 @@ def _create_timm(name: str, num_classes: int, image_size: int | None) -> nn.Modu
     return model
 
 
-def build_models(args: argparse.Namespace) -> list[tuple[nn.Module, tuple[int, ...], str, bool]]:
+def build_models(args: Namespace) -> list[tuple[nn.Module, tuple[int, ...], str, bool]]:
     """``[(model, one sample's input shape, description, per-layer table?)]`` from the parsed arguments."""
     if args.linear is not None:
         return [(nn.Sequential(nn.Linear(a, b)), (a,), f"nn.Linear({a}, {b})", False) for a, b in args.linear]
@@ -132,22 +149,26 @@ def build_models(args: argparse.Namespace) -> list[tuple[nn.Module, tuple[int, .
     return [(model, _timm_input_shape(model, 3, args.image_size), f"{args.model} (random init)", True)]
 
 
-def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors (exit 2) for everything that can be checked without a GPU."""
+def _check_inputs(args: Namespace) -> None:
+    """Usage errors (one line, exit 2) for everything that can be checked without a GPU.
+
+    Raises:
+        InputError: the first problem found.
+    """
     if args.runs < MIN_RUNS:
-        parser.error(f"--runs must be >= {MIN_RUNS}, got {args.runs}")
+        raise InputError(f"--runs must be >= {MIN_RUNS}, got {args.runs}")
     if any(b < 1 for b in args.batch_size):
-        parser.error(f"--batch-size values must be >= 1, got {args.batch_size}")
+        raise InputError(f"--batch-size values must be >= 1, got {args.batch_size}")
     if args.random_init and args.model is None:
-        parser.error("--random-init only applies to --model")
+        raise InputError("--random-init only applies to --model")
     if args.model is not None and not args.random_init:
-        parser.error("--model needs --random-init (pretrained weights are never downloaded), or use --checkpoint")
+        raise InputError("--model needs --random-init (pretrained weights are never downloaded), or use --checkpoint")
     if args.search and args.backend != "cusparselt":
-        parser.error(f"--search needs --backend cusparselt, got {args.backend}")
+        raise InputError(f"--search needs --backend cusparselt, got {args.backend}")
     if args.image_size is not None and args.image_size < 1:
-        parser.error(f"--image-size must be >= 1, got {args.image_size}")
+        raise InputError(f"--image-size must be >= 1, got {args.image_size}")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file (give the path of a Lightning .ckpt of "
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file (give the path of a Lightning .ckpt of "
                      "lightning_sparse.models.ImageClassifier, e.g. runs/<name>/version_0/checkpoints/last.ckpt)")
     if args.model is not None:
         import timm
@@ -155,9 +176,9 @@ def _check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if not timm.is_model(args.model):
             close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-            parser.error(f"--model {args.model}: not a timm model name{hint}")
+            raise InputError(f"--model {args.model}: not a timm model name{hint}")
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
-        parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+        raise InputError(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
 
 
 def print_eligibility(model: nn.Module, what: str, dtypes: Sequence[str], backend: str, table: bool) -> int:
@@ -204,10 +225,18 @@ def _where_to_run(argv: Sequence[str], backend: str, any_eligible: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    """Run the benchmark; the exit status (0: done or skipped, 1: a parity check failed).
+
+    Raises:
+        BadValue: (``SystemExit(2)``) bad input, after one line on stderr.
+    """
+    parser, options = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    _check_inputs(parser, args)
+    return run_command(PROG, parser, argv, lambda args: _run(args, argv), options)
+
+
+def _run(args: Namespace, argv: list[str]) -> int:
+    _check_inputs(args)
     models = build_models(args)
     any_eligible = False
     for model, _, what, _layers in models:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from lightning_sparse.slim.config import apply_channel_config, channel_config
+from lightning_sparse.utils.checkpoints import load_checkpoint
+from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.modules import device_inputs, eval_mode, first_conv
 
 __all__ = ["SLIM_FORMAT", "export_slim", "load_slim"]
@@ -70,14 +72,15 @@ def load_slim(path: str | Path, map_location: str | torch.device = "cpu", verify
     inputs, the outputs are compared with the stored ones.
 
     Raises:
-        ValueError: not a slim export file.
+        InputError: (a ``ValueError``) not a slim export file; also a missing, unreadable or untrusted file
+            (:func:`lightning_sparse.utils.checkpoints.load_checkpoint`).
         RuntimeError: the rebuilt model's outputs differ from the stored ones.
     """
     import timm
 
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    payload = load_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != SLIM_FORMAT:
-        raise ValueError(f"{path} is not a slim export (expected format {SLIM_FORMAT!r}).")
+        raise InputError(f"{path} is not a slim export (expected format {SLIM_FORMAT!r}).")
     model = timm.create_model(
         payload["arch"], pretrained=False, num_classes=payload["num_classes"], in_chans=payload["in_chans"],
         **payload["model_kwargs"],
