@@ -62,7 +62,7 @@ from lightning_sparse.cli.parse_errors import parse_error_line
 from lightning_sparse.cli.parser import SparseArgumentParser, default_instantiator, refused_in
 from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
 from lightning_sparse.loggers import WandbLogger
-from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint, lost_process_line
 
 __all__ = ["BadValue", "SparseCLI", "default_loggers", "default_loggers_with_records", "main"]
 
@@ -322,6 +322,11 @@ def main(args: list[str] | None = None) -> SparseCLI:
     except SIGTERMException:
         # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
         raise SystemExit(128 + signal.SIGTERM) from None
+    except RuntimeError as err:  # another process of a multi-process run died: one line, not this rank's traceback
+        line = lost_process_line(err)
+        if line is None:
+            raise
+        raise SystemExit(line) from None
     finally:
         _finish_wandb()
 
