@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,7 +31,7 @@ class SignalRankAt(pl.Callback):
 
 
 class StepLosses(pl.Callback):
-    """Appends ``{"rank", "step", "loss"}`` per training step, and ``{"rank", "stopped", "exception"}`` when fit
+    """Appends ``{"rank", "time", "step", "loss"}`` per training step, and ``{..., "stopped", "exception"}`` when fit
     ends by an exception, to ``<out_dir>/rank<r>.jsonl`` (flushed per line, so a killed process keeps its
     record). The loss is this rank's own (not reduced) ``training_step`` loss, exact as a Python float."""
 
@@ -40,7 +41,7 @@ class StepLosses(pl.Callback):
     def _write(self, trainer, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
-            f.write(json.dumps({"rank": trainer.global_rank, **record}) + "\n")
+            f.write(json.dumps({"rank": trainer.global_rank, "time": time.time(), **record}) + "\n")
             f.flush()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -51,8 +52,10 @@ class StepLosses(pl.Callback):
         self._write(trainer, {"stopped": trainer.global_step, "exception": type(exception).__name__})
 
 
-def read_records(out_dir: Path, rank: int) -> tuple[dict[int, float], list[dict]]:
-    """``(step -> loss, the stop records)`` of one rank."""
+def read_records(out_dir: Path, rank: int, raw: bool = False) -> tuple[dict[int, float], list[dict]] | list[dict]:
+    """``(step -> loss, the stop records)`` of one rank; ``raw``: every record as written."""
     path = Path(out_dir) / f"rank{rank}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if raw:
+        return rows
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r for r in rows if "stopped" in r]
