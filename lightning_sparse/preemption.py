@@ -17,8 +17,8 @@
   with gloo or NCCL on one machine they see it at once (connection reset); across machines whose peer
   vanished without closing its connections, after the process group's ``timeout`` (``DDPStrategy(timeout=)``;
   torch's default is 30 minutes for gloo, 10 for NCCL). No checkpoint is written then (the survivors' state
-  may be half-way through a step); the exception gets one line, :func:`lost_process_line`, naming the
-  newest checkpoint to resume from, which ``train.py`` prints instead of the traceback.
+  may be half-way through a step); each survivor prints one line naming the newest checkpoint to resume
+  from (:func:`lost_process_line`), and ``train.py`` exits with code 1 without the traceback.
 - :func:`find_last_checkpoint` is what ``--ckpt_path last`` resolves to: the newest readable checkpoint
   of a run; an unreadable newest file falls back to the previous good one with one warning.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -117,8 +118,8 @@ def find_last_checkpoint(candidates: Iterable[Path], warn: Callable[[str], None]
 
 
 def lost_process_line(exception: BaseException) -> str | None:
-    """The one line :class:`PreemptionCheckpoint` attached to ``exception`` when it ended a multi-process fit
-    because another process died or stopped answering (``None`` for any other exception)."""
+    """The one line :class:`PreemptionCheckpoint` printed (and attached to ``exception``) when it ended a
+    multi-process fit because another process died or stopped answering (``None`` for any other exception)."""
     return getattr(exception, "lost_process_line", None)
 
 
@@ -146,8 +147,10 @@ class PreemptionCheckpoint(Callback):
     training step lets the run finish (its end-of-fit checkpoints are written as usual).
 
     A process of a multi-process run that dies (SIGKILL, out of memory) makes the others' next collective
-    fail; nothing is written then, and the exception carries one line (:func:`lost_process_line`): which
-    rank, at which step, and the newest checkpoint to resume from with ``--ckpt_path last``.
+    fail; nothing is written then, and each survivor prints one line at once (:func:`lost_process_line`):
+    which rank, at which step, and the newest checkpoint to resume from with ``--ckpt_path last``. At once,
+    not after teardown: with Lightning's own launcher, rank 0's child-process observer SIGKILLs rank 0 within
+    5 s of a child's death.
 
     A plain ``Callback`` (not a ``Checkpoint``), so ``trainer.checkpoint_callback`` stays the best-model
     ``ModelCheckpoint``; put it after the callbacks whose state it saves (the CLI appends it).
@@ -227,7 +230,8 @@ class PreemptionCheckpoint(Callback):
         rank_zero_info(f"{cause} at step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
 
     def _report_lost_peer(self, trainer: pl.Trainer, exception: BaseException) -> None:
-        """Attach (and log, on this rank) the one line that says what happened and where to resume from."""
+        """Print on this rank (every survivor, not only rank zero) and attach to ``exception`` the one line that
+        says what happened and where to resume from."""
         folder = self._dir(trainer)
         newest = find_last_checkpoint(path for pattern in LAST_PATTERNS for path in folder.glob(pattern))
         resume = (f"the newest checkpoint is {newest}; resume with --ckpt_path last" if newest is not None else
@@ -238,8 +242,7 @@ class PreemptionCheckpoint(Callback):
             f"{trainer.global_step} ({type(exception).__name__}: {first}); nothing was saved at this step, "
             f"{resume}.", trainer.global_rank)
         exception.lost_process_line = line  # type: ignore[attr-defined]
-        if hasattr(exception, "add_note"):  # shown with the traceback when the CLI's one-line exit is not used
-            exception.add_note(line)
+        print(line, file=sys.stderr, flush=True)
 
     # -- signals at batch boundaries -----------------------------------------------------------------
     @override

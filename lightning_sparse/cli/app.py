@@ -322,11 +322,10 @@ def main(args: list[str] | None = None) -> SparseCLI:
     except SIGTERMException:
         # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
         raise SystemExit(128 + signal.SIGTERM) from None
-    except RuntimeError as err:  # another process of a multi-process run died: one line, not this rank's traceback
-        line = lost_process_line(err)
-        if line is None:
+    except RuntimeError as err:  # another process of a multi-process run died: its one line is printed already
+        if lost_process_line(err) is None:
             raise
-        raise SystemExit(line) from None
+        raise SystemExit(1) from None
     finally:
         _finish_wandb()
 
