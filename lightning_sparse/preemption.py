@@ -180,7 +180,7 @@ class PreemptionCheckpoint(Callback):
         self._steps_here = 0
         self._pending: set[int] = set()
         self._deferred: dict[int, Any] = {}
-        self._sigterm_handler: Any = None  # the handler ours replaced (Lightning's), while ours is installed
+        self._sigterm_installed = False  # ours replaced Lightning's SIGTERM handler for this fit
         self.saved_path: str | None = None
 
     # -- where ---------------------------------------------------------------------------------------
@@ -202,16 +202,13 @@ class PreemptionCheckpoint(Callback):
                            batch_idx: int) -> None:
         self._in_step = False
         self._steps_here += 1
-        if self._sigterm_handler is not None or self._deferred:
+        if self._sigterm_installed or self._deferred:
             self._run_signals(trainer)
 
     # -- exceptions ----------------------------------------------------------------------------------
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # our SIGTERM handler stays until Lightning's teardown puts back the one from before fit: Lightning's own
-        # would run a collective inside the handler if a second SIGTERM came during the save below
-        self._restore_deferred()
-        self._sigterm_handler = None
+        self._end_of_fit()
         if trainer.state.fn != TrainerFn.FITTING or self._steps_here == 0 or trainer.fast_dev_run:
             return  # nothing trained in this process: the newest checkpoint already holds this state
         sigterm = isinstance(exception, SIGTERMException)
@@ -263,14 +260,13 @@ class PreemptionCheckpoint(Callback):
                 self._deferred[signum] = handler
 
     def _install_sigterm(self) -> None:
-        if self._sigterm_handler is not None:
+        if self._sigterm_installed:
             return
-        previous = signal.getsignal(signal.SIGTERM)
         try:
             signal.signal(signal.SIGTERM, self._defer)
         except ValueError:  # not the main thread: Lightning's handler stays
             return
-        self._sigterm_handler = previous if previous is not None else signal.SIG_DFL
+        self._sigterm_installed = True
 
     def _defer(self, signum: int, frame: Any) -> None:
         self._pending.add(signum)
@@ -290,8 +286,6 @@ class PreemptionCheckpoint(Callback):
                 continue
             name = signal.Signals(signum).name
             if signum == signal.SIGTERM:
-                if self._sigterm_handler is None:
-                    continue
                 where = f" (received by rank {', '.join(map(str, ranks))})" if trainer.world_size > 1 else ""
                 rank_zero_info(f"SIGTERM{where}: every rank stops after step {trainer.global_step}")
                 _stop_after_this_step(trainer)
@@ -299,17 +293,18 @@ class PreemptionCheckpoint(Callback):
                 rank_zero_info(f"Running the {name} handler at the end of step {trainer.global_step}")
                 self._deferred[signum](signum, None)
 
-    def _restore_deferred(self) -> None:
+    def _end_of_fit(self) -> None:
+        """Put back the deferred signals' handlers. Our SIGTERM handler stays until Lightning's teardown puts
+        back the one from before fit: Lightning's own would run a collective inside the signal handler if a
+        SIGTERM came during a save or the last collectives."""
         for signum, handler in self._deferred.items():
             signal.signal(signum, handler)
         self._deferred.clear()
+        self._sigterm_installed = False
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_deferred()
-        if self._sigterm_handler is not None:
-            signal.signal(signal.SIGTERM, self._sigterm_handler)
-            self._sigterm_handler = None
+        self._end_of_fit()
 
 
 def _stop_after_this_step(trainer: pl.Trainer) -> None:
