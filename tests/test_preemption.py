@@ -156,6 +156,26 @@ def test_deferred_signal_handler_runs_at_the_batch_boundary(tmp_path):
     assert calls == [(signal.SIGUSR1, 3)]  # sent before step 2's optimizer step, handled after it
 
 
+def test_sigterm_handler_is_ours_during_training_and_the_previous_one_after(tmp_path):
+    """During training SIGTERM only records (the decision is taken at step ends, on every rank at once);
+    after fit the handler from before fit is back."""
+    seen: list = []
+
+    class Peek(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    pre, before = PreemptionCheckpoint(), signal.getsignal(signal.SIGTERM)
+    _fit(tmp_path, 1, [Peek(), pre], sparse=False)
+    assert len(seen) == BATCHES and all(h == pre._defer for h in seen)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_defer_signals_refuses_sigterm():
+    with pytest.raises(ValueError, match="defer_signals: 'SIGTERM' is always handled at batch boundaries"):
+        PreemptionCheckpoint(defer_signals=("SIGUSR1", "SIGTERM"))
+
+
 def test_epoch_sampler_shards_like_distributed_sampler_and_resumes():
     full = EpochSampler(10, seed=3)
     full.set_epoch(2)

@@ -62,7 +62,7 @@ from lightning_sparse.cli.parse_errors import parse_error_line
 from lightning_sparse.cli.parser import SparseArgumentParser, default_instantiator, refused_in
 from lightning_sparse.cli.runs import cli_managed_loggers, run_loggers, with_run_config
 from lightning_sparse.cli.summary import example_input, silence_known_warnings, summary_lines
-from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint
+from lightning_sparse.preemption import AtomicCheckpointIO, PreemptionCheckpoint, lost_process_line
 from lightning_sparse.run.folder import RunFolder
 from lightning_sparse.sparsity.counting import count_weights
 
@@ -315,6 +315,10 @@ def main(args: list[str] | None = None) -> SparseCLI:
     except SIGTERMException:
         # stopped by SIGTERM (preemption, time limit): the checkpoint is written; exit as killed by SIGTERM
         raise SystemExit(128 + signal.SIGTERM) from None
+    except RuntimeError as err:  # another process of a multi-process run died: its one line is printed already
+        if lost_process_line(err) is None:
+            raise
+        raise SystemExit(1) from None
     finally:
         _finish_wandb()
 
