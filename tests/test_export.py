@@ -175,7 +175,7 @@ def _check_compact(out: Path, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------- exports
 def test_export_chase_slim_checkpoint(runs, tmp_path):
     out = export_checkpoint(str(runs["chase"]), out=str(tmp_path / "deploy"), image_size=SIZE, no_bench=True)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "model_sparse.pt", "report.json", "report.md"]
     x = _batch()
     ref, slim = _lightning_logits(runs["chase"], x)
     graph = _check_onnx(out, ref, x)
@@ -345,7 +345,7 @@ def test_export_report_times_dense_and_exported(slim_file, tmp_path):
     (out / "old.txt").write_text("old")
     main([str(slim_file), "--out", str(out), "--batch-size", "4", "--reps", "2", "--warmup", "0", "--threads", "1",
           "--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "model_sparse.pt", "report.json", "report.md"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
     bench = json.loads((out / "report.json").read_text())["benchmark"]
     rows = {(r["runtime"], r["model"]): r for r in bench["rows"]}
