@@ -16,7 +16,9 @@ figures to read).
 ``chase_checkpoint_speed`` (``chase_speed.py --checkpoint``) needs a Chase checkpoint:
 ``--chase-checkpoint PATH``, else the newest
 ``runs/**/*.ckpt`` that holds a slimmed Chase state; with none it is reported as skipped, with the command
-that makes one. A script found in ``benchmarks/`` that this file has no settings for runs with its defaults.
+that makes one. A script found in ``benchmarks/`` that this file has no settings for runs with its defaults;
+one registered with ``skip`` (``digits_sweep.py``: 78 training runs, hours) is listed with its command and the
+reason, not run. Every script and file the report names exists (``tests/test_benchmarks_readme.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Bench:
     full: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)
     what: str = ""
+    skip: str = ""  # why report.py does not run it (it is listed with its command and this reason)
 
 
 BENCHES = [
@@ -67,7 +70,14 @@ BENCHES = [
           ["--model", "vit_base_patch16_224", "--random-init", "--dtype", "float16", "bfloat16",
            "--batch-size", "64", "256"],
           ["--linear", "4096x4096", "--batch-size", "1024", "--dtype", "float16"],
-          "2:4 semi-structured (torch.sparse) inference vs dense 2:4-masked, CUDA only (H100: results/semi_structured_h100/)"),
+          "2:4 semi-structured (torch.sparse) inference vs dense 2:4-masked, CUDA only "
+          "(H100 figures: benchmarks/results/semi_structured_h100/)"),
+    Bench("sad_srste_vs_ste", ["benchmarks/sad_srste_vs_ste.py"], [],
+          ["--model-name", "resnet10t", "--epochs", "4"],
+          "last-epoch SAD of SR-STE / vanilla STE N:M masks on digits (< 1: SR-STE's masks settle, as in the paper)"),
+    Bench("digits_sweep", ["benchmarks/digits_sweep.py"], ["--jobs", "2"], ["--jobs", "2"],
+          "test accuracy of every method over densities, N:M patterns and seeds (docs/comparison.md)",
+          skip="78 training runs (hours on 2 CPU cores); its tables and figures are in docs/comparison.md"),
 ]
 
 
@@ -179,7 +189,7 @@ def render(info: dict[str, str], quick: bool, results: list[tuple[Bench, dict[st
         ]
     out += ["| benchmark | what | exit | wall |", "|---|---|---|---|"]
     for b, r in results:
-        out.append(f"| [{b.name}](#{b.name.replace('_', '_')}) | {b.what} | {r['rc']} | {r['wall']:.0f} s |")
+        out.append(f"| [{b.name}](#{b.name}) | {b.what} | {r['rc']} | {r['wall']:.0f} s |")
     out.append("")
     for b, r in results:
         out += [f"## {b.name}", "", f"`{r['cmd']}`", "", "```", *r["lines"], "```", ""]
@@ -211,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for b in benches:
         extra = b.quick if args.quick else b.full
+        if b.skip:
+            cmd = " ".join(["python", *b.target, *extra])
+            results.append((b, {"cmd": cmd, "rc": "not run", "wall": 0.0, "lines": [f"not run by report.py: {b.skip}."]}))
+            print(f"{b.name}: not run ({b.skip})", flush=True)
+            continue
         if b.name == "chase_checkpoint_speed":
             ckpt = args.chase_checkpoint or find_chase_checkpoint()
             if ckpt is None:
@@ -228,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.write_text(render(info, args.quick, results, args.note) + "\n")
     print(f"wrote {args.out}")
-    return 0 if all(r["rc"] in (0, "skipped") for _, r in results) else 1
+    return 0 if all(r["rc"] in (0, "skipped", "not run") for _, r in results) else 1
 
 
 if __name__ == "__main__":

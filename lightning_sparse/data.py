@@ -1,12 +1,14 @@
 """DataModules. Each exposes ``num_classes``, ``in_chans`` and ``image_size`` so the CLI can link
-them into the model. Nothing is downloaded: Digits ships inside scikit-learn, everything else is read
-from a local directory and a missing directory is an error that names it.
+them into the model, and ``preprocessing()``: what a deployed model must do to a raw image to see what
+training saw (the export records it). Nothing is downloaded: Digits ships inside scikit-learn, everything
+else is read from a local directory and a missing directory is an error that names it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,20 @@ CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
+
+def _preprocessing(source: str, input_size: tuple[int, int, int], channel_order: str, scale: float | None,
+                   resize: int | None, interpolation: str | None, crop: int | None,
+                   mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """The evaluation preprocessing of a DataModule, as plain values (JSON- and ``weights_only``-safe).
+
+    A raw image is turned into the model's input by: channels in ``channel_order``; pixel values divided by
+    ``scale``; resized (``interpolation``) so its shorter side is ``resize``; centre-cropped to ``crop``;
+    then ``(x - mean) / std`` per channel. ``None`` means the step does not happen.
+    """
+    return {"source": source, "input_size": list(input_size), "channel_order": channel_order, "scale": scale,
+            "resize": resize, "interpolation": interpolation, "crop": crop,
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
 def _check_positive(**values: float) -> None:
@@ -118,10 +134,28 @@ class DigitsDataModule(ResumableDataModule):
         n_val, n_test = int(len(x) * self.val_fraction), int(len(x) * self.test_fraction)
         test_idx, val_idx, train_idx = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
         mean, std = x[train_idx].mean(), x[train_idx].std()
+        self.mean, self.std = float(mean), float(std)  # preprocessing() records them
         x = (x - mean) / std
         self.train_set = _ShiftAugment(TensorDataset(x[train_idx], y[train_idx]), self.max_shift)
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(x[test_idx], y[test_idx])
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Raw ``load_digits`` image (8x8, values 0..16) -> model input: ``/ 16``, bilinear resize
+        (``align_corners=False``) to ``image_size``, ``(x - mean) / std`` with the training split's statistics
+        (computed here by :meth:`setup`).
+
+        Example:
+            >>> p = DigitsDataModule(image_size=16).preprocessing()
+            >>> p["input_size"], p["scale"], p["interpolation"], len(p["mean"])
+            ([1, 16, 16], 16.0, 'bilinear', 1)
+        """
+        self.setup()
+        size = self.image_size
+        resized = size != 8
+        return _preprocessing("lightning_sparse.data.DigitsDataModule", (1, size, size), "gray", 16.0,
+                              size if resized else None, "bilinear" if resized else None, None,
+                              (self.mean,), (self.std,))
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -226,6 +260,12 @@ class CIFARDataModule(_ImageDataModule):
                 f"cifar-{self.num_classes}-python.tar.gz into data_dir."
             )
 
+    def preprocessing(self) -> dict[str, Any]:
+        """RGB 32x32 image -> model input: ``/ 255`` (``ToTensor``), then the CIFAR mean/std (no resize)."""
+        mean, std = CIFAR_STATS[self.num_classes]
+        return _preprocessing(f"lightning_sparse.data.CIFARDataModule (CIFAR-{self.num_classes})", (3, 32, 32),
+                              "RGB", 255.0, None, None, None, mean, std)
+
     @override
     def setup(self, stage: str | None = None) -> None:
         self.check_data_dir()
@@ -281,6 +321,16 @@ class ImageFolderDataModule(_ImageDataModule):
                 "Expected <data_dir>/train/<class>/<image> and <data_dir>/val/<class>/<image>."
             )
 
+    def _resize(self) -> int:
+        return int(round(self.image_size / 0.875))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """RGB image -> model input (evaluation): ``/ 255`` (``ToTensor``), bilinear resize of the shorter side
+        to ``image_size / 0.875``, centre crop to ``image_size``, then the ImageNet mean/std."""
+        size = self.image_size
+        return _preprocessing("lightning_sparse.data.ImageFolderDataModule", (3, size, size), "RGB", 255.0,
+                              self._resize(), "bilinear", size, IMAGENET_MEAN, IMAGENET_STD)
+
     @override
     def setup(self, stage: str | None = None) -> None:
         self.check_data_dir()
@@ -291,7 +341,7 @@ class ImageFolderDataModule(_ImageDataModule):
 
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train_tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), *norm])
-        val_tf = T.Compose([T.Resize(int(round(self.image_size / 0.875))), T.CenterCrop(self.image_size), *norm])
+        val_tf = T.Compose([T.Resize(self._resize()), T.CenterCrop(self.image_size), *norm])
         self.train_set = datasets.ImageFolder(str(self.data_dir / "train"), transform=train_tf)
         self.val_set = datasets.ImageFolder(str(self.data_dir / "val"), transform=val_tf)
 
@@ -315,6 +365,12 @@ class FakeDataModule(ResumableDataModule):
                         in_chans=in_chans, batch_size=batch_size)
         self.num_samples, self.num_classes, self.image_size = num_samples, num_classes, image_size
         self.in_chans, self.batch_size = in_chans, batch_size
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The random images are already model inputs (standard normal): nothing to do (mean 0, std 1)."""
+        c, size = self.in_chans, self.image_size
+        return _preprocessing("lightning_sparse.data.FakeDataModule (random inputs)", (c, size, size),
+                              "RGB" if c == 3 else f"{c} channels", None, None, None, None, (0.0,) * c, (1.0,) * c)
 
     def _loader(self, seed: int, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(seed)

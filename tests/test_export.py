@@ -29,11 +29,14 @@ from lightning_sparse.export import (
     ParityError,
     export_checkpoint,
     fold_batchnorm,
+    load_compact,
     make_runner,
+    pack_tensor,
+    unpack_tensor,
 )
 from lightning_sparse.export.__main__ import main
 from lightning_sparse.models import ImageClassifier
-from lightning_sparse.slim import channel_config, export_slim
+from lightning_sparse.slim import channel_config, export_slim, load_slim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -64,6 +67,29 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     t2.fit(stage2, fixed_loader(n=32, image_size=SIZE))
     t2.save_checkpoint(tmp / "chase_nm24.ckpt")
     return {"chase": tmp / "chase.ckpt", "nm": tmp / "chase_nm24.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory) -> dict[str, Path]:
+    """(c) a dense digits run laid out as the CLI writes it (``config.yaml`` next to ``checkpoints/``);
+    (d) an SR-STE 2:4 run from scratch."""
+    tmp = tmp_path_factory.mktemp("plain")
+    run = tmp / "dense" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "model:\n  class_path: lightning_sparse.models.ImageClassifier\n"
+        f"data:\n  class_path: lightning_sparse.data.DigitsDataModule\n  init_args:\n    image_size: {SIZE}\n"
+        "    split_seed: 3\n    val_fraction: 0.2\n")
+    pl.seed_everything(0)
+    dense = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
+    t = trainer(tmp, 2)
+    t.fit(dense, fixed_loader(n=32, image_size=SIZE))
+    t.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    srste = ImageClassifier(ARCH, num_classes=10, in_chans=1, lr=0.05)
+    t = trainer(tmp, 2, [NMSparsity(n=2, m=4)])
+    t.fit(srste, fixed_loader(n=32, image_size=SIZE))
+    t.save_checkpoint(tmp / "srste.ckpt")
+    return {"dense": run / "checkpoints" / "last.ckpt", "srste": tmp / "srste.ckpt"}
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +138,44 @@ def _load_with_snippet(path: Path) -> nn.Module:
     return scope["model"]
 
 
+def _baked_section(out: Path) -> str:
+    """The "Baked into the weights" section of report.md."""
+    text = (out / "report.md").read_text()
+    return text.split("## Baked into the weights", 1)[1].split("## ", 1)[0]
+
+
+def _conv_channels(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _check_compact(out: Path, x: torch.Tensor) -> None:
+    """model_sparse.pt rebuilds model.pt's model bitwise (weights and logits); report sizes are the files'."""
+    from_pt, from_compact = load_slim(out / "model.pt"), load_compact(out / "model_sparse.pt")
+    a, b = from_pt.state_dict(), from_compact.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+    with torch.no_grad():
+        assert torch.equal(from_pt(x), from_compact(x))
+    files = json.loads((out / "report.json").read_text())["files"]
+    assert files["bytes"] == {n: (out / n).stat().st_size for n in ("model.pt", "model_sparse.pt", "model.onnx")}
+    floats = [t for t in a.values() if t.is_floating_point()]
+    assert files["model.pt stores"]["values"] == sum(t.numel() for t in floats)
+    assert files["model.pt stores"]["nonzero"] == sum(int(t.count_nonzero()) for t in floats)
+    # the files hold what they say: model.pt 4 bytes per value; model_sparse.pt 4 per nonzero + 1 bit per value
+    # (2 where the tensor holds -0.0) where that is smaller (plus the example batch and the pickle's own bytes)
+    dense_bytes = sum(t.numel() * 4 for t in floats)
+    compact_bytes = sum(min(t.numel() * 4, int(t.count_nonzero()) * 4 + (t.numel() + 7) // 8
+                            * (1 + bool(((t == 0) & t.signbit()).any()))) for t in floats)
+    assert 0 <= files["bytes"]["model.pt"] - dense_bytes < 100_000
+    assert 0 <= files["bytes"]["model_sparse.pt"] - compact_bytes < 100_000
+
+
 # --------------------------------------------------------------------------------------------- exports
 def test_export_chase_slim_checkpoint(runs, tmp_path):
     out = export_checkpoint(str(runs["chase"]), out=str(tmp_path / "deploy"), image_size=SIZE, no_bench=True)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "model_sparse.pt", "report.json", "report.md"]
     x = _batch()
     ref, slim = _lightning_logits(runs["chase"], x)
     graph = _check_onnx(out, ref, x)
@@ -136,6 +196,23 @@ def test_export_chase_slim_checkpoint(runs, tmp_path):
     assert report["costs"]["dense"]["params"] == sum(p.numel() for p in dense.parameters())
     assert report["costs"]["exported"]["nonzero_params"] == sum(int(p.count_nonzero()) for p in slim.parameters())
     assert "Timing skipped" in (out / "report.md").read_text()
+    # what was baked: Chase's unstructured masks and its slimmed channels, no N:M
+    baked = _baked_section(out)
+    assert "Unstructured masks" in baked and "Slimmed channels" in baked and "N:M" not in baked, baked
+    masks = next(v for k, v in torch.load(runs["chase"], weights_only=True)["callbacks"].items() if k.startswith("Chase"))
+    params = dict(slim.named_parameters())
+    sparse = [k.removeprefix("model.") for k, m in masks["masks"].items() if not m.all()]
+    nonzero, numel = sum(int(params[k].count_nonzero()) for k in sparse), sum(params[k].numel() for k in sparse)
+    assert f"{len(sparse)} weights, {nonzero:,} of {numel:,} entries nonzero" in baked
+    dense_ch, slim_ch = _conv_channels(dense), _conv_channels(slim)
+    assert f"{sum(dense_ch.values()) - sum(slim_ch.values()):,} of {sum(dense_ch.values()):,} conv output channels" in baked
+    assert f"from {sum(dense_ch[n] > slim_ch[n] for n in dense_ch)} convs" in baked
+    assert torch.load(out / "model.pt", weights_only=True)["meta"]["baked"] == report["baked"]
+    # no DataModule next to the bare checkpoint, and timm's data config is for 3 channels, not 1: said so
+    assert "## Preprocessing\n\nNot recorded: the run names no DataModule" in (out / "report.md").read_text()
+    # model_sparse.pt: the same model, bitwise, in fewer bytes (30% density)
+    _check_compact(out, x)
+    assert report["files"]["bytes"]["model_sparse.pt"] < 0.6 * report["files"]["bytes"]["model.pt"]
 
 
 
@@ -161,6 +238,83 @@ def test_export_chase_then_nm24_via_cli(runs, tmp_path, capsys):
         assert np.count_nonzero(w) <= w.size // 2
     report = json.loads((out / "report.json").read_text())
     assert sorted(report["source"]["nm"]) == sorted(targets)
+    # baked: 2:4 in the callback's targets and the stage-1 slim channels; the fine-tune kept no unstructured masks
+    baked = _baked_section(out)
+    assert f"N:M masks: 2:4 in {len(targets)} weights" in baked and "Slimmed channels" in baked, baked
+    assert "Unstructured" not in baked
+    _check_compact(out, x)
+    # exporting the exported model.pt again reads what it baked back from its meta
+    again = export_checkpoint(str(out / "model.pt"), out=str(tmp_path / "again"), no_bench=True)
+    assert json.loads((again / "report.json").read_text())["baked"] == report["baked"]
+
+
+def test_export_dense_digits_run_records_preprocessing(plain_runs, tmp_path):
+    """A dense run: nothing baked; its DigitsDataModule's preprocessing (from config.yaml) is in model.pt and the
+    report, and applying it to raw digits gives exactly the tensors the DataModule trains on."""
+    from sklearn.datasets import load_digits
+
+    from lightning_sparse.data import DigitsDataModule
+
+    out = export_checkpoint(str(plain_runs["dense"]), out=str(tmp_path / "d"), no_bench=True)  # size from config.yaml
+    assert _baked_section(out).strip() == "- Nothing baked: dense weights, every channel kept."
+    pre = torch.load(out / "model.pt", weights_only=True)["meta"]["preprocessing"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["preprocessing"] == pre and report["source"]["image_size"] == SIZE
+    assert pre["input_size"] == [1, SIZE, SIZE] and pre["interpolation"] == "bilinear" and pre["crop"] is None
+    raw = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1)
+    x = torch.nn.functional.interpolate(raw / pre["scale"], size=pre["resize"], mode=pre["interpolation"],
+                                        align_corners=False)
+    x = (x - pre["mean"][0]) / pre["std"][0]
+    dm = DigitsDataModule(image_size=SIZE, split_seed=3, val_fraction=0.2)
+    dm.setup()
+    perm = torch.randperm(len(raw), generator=torch.Generator().manual_seed(3))
+    n_test = int(len(raw) * 0.15)
+    val_idx = perm[n_test: n_test + int(len(raw) * 0.2)]
+    torch.testing.assert_close(x[val_idx], dm.val_set.tensors[0], rtol=0, atol=1e-6)
+    md = (out / "report.md").read_text()
+    assert (f"From lightning_sparse.data.DigitsDataModule (the run's config.yaml): gray image; pixel values / 16; "
+            f"resize (shorter side) to {SIZE}, bilinear; then (x - mean) / std") in md
+    # a dense model has no sparse tensor worth packing: the compact file is model.pt's size
+    _check_compact(out, _batch())
+    sizes = report["files"]["bytes"]
+    assert 0.95 < sizes["model_sparse.pt"] / sizes["model.pt"] < 1.05
+
+
+def test_export_srste_run_reports_only_nm(plain_runs, tmp_path):
+    out = export_checkpoint(str(plain_runs["srste"]), out=str(tmp_path / "d"), image_size=SIZE, no_bench=True)
+    state = torch.load(plain_runs["srste"], map_location="cpu", weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith("NMSparsity")]
+    baked = _baked_section(out)
+    n_targets = len(state["callbacks"][key]["targets"])
+    assert baked.strip() == f"- N:M masks: 2:4 in {n_targets} weights (exact zeros in the stored weights)."
+    x = _batch()
+    ref, _ = _lightning_logits(plain_runs["srste"], x, nm=NMSparsity(n=2, m=4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compact(out / "model_sparse.pt")(x), ref, atol=1e-5, rtol=0)
+    _check_compact(out, x)
+    sizes = json.loads((out / "report.json").read_text())["files"]["bytes"]
+    assert sizes["model_sparse.pt"] < sizes["model.pt"]  # 2:4 weights at 2.125 of 4 bytes each (fc, stem dense)
+
+
+def test_pack_tensor_is_bitwise_and_only_when_smaller(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        w = torch.randn(7, 5, 3, generator=g).to(dtype)
+        w[torch.rand(w.shape, generator=g) < 0.8] = 0.0
+        w[0, 0, 0], w[1, 1, 1], w[2, 2, 2] = -0.0, float("nan"), float("-inf")
+        packed = pack_tensor(w)
+        assert isinstance(packed, dict) and packed["values"].dtype == dtype
+        back = unpack_tensor(packed)
+        assert back.dtype == dtype and back.shape == w.shape
+        assert torch.equal(back.view(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), dtype
+    dense = torch.randn(4, 4, generator=g)
+    assert torch.equal(pack_tensor(dense), dense)  # nothing to gain: stored as is
+    steps = torch.tensor(3)
+    assert torch.equal(pack_tensor(steps), steps)  # BatchNorm's num_batches_tracked
+    assert torch.equal(unpack_tensor(pack_tensor(torch.zeros(3, 9))), torch.zeros(3, 9))
+    torch.save({"format": "lightning_sparse.slim/1"}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="is not a compact export"):
+        load_compact(tmp_path / "model.pt")
 
 
 @pytest.mark.slow
@@ -191,7 +345,7 @@ def test_export_report_times_dense_and_exported(slim_file, tmp_path):
     (out / "old.txt").write_text("old")
     main([str(slim_file), "--out", str(out), "--batch-size", "4", "--reps", "2", "--warmup", "0", "--threads", "1",
           "--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "model_sparse.pt", "report.json", "report.md"]
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
     bench = json.loads((out / "report.json").read_text())["benchmark"]
     rows = {(r["runtime"], r["model"]): r for r in bench["rows"]}

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     options = command_options(function=export_checkpoint, skip={"checkpoint"})
     args = _normalise(list(sys.argv[1:] if argv is None else argv))
     path = run_command(PROG, parser, args, lambda cfg: export_checkpoint(**cfg.as_dict()), options)
-    print(f"wrote {path}/model.pt, model.onnx, report.md, report.json")
+    print(f"wrote {path}/model.pt, model_sparse.pt, model.onnx, report.md, report.json")
     print((path / "report.md").read_text())
 
 

@@ -1,4 +1,5 @@
-"""``export_checkpoint``: a run's checkpoint -> a deployment folder (model.pt, model.onnx, report.md/json)."""
+"""``export_checkpoint``: a run's checkpoint -> a deployment folder (model.pt, model_sparse.pt, model.onnx,
+report.md/json)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lightning_sparse.export.compact import save_compact
+from lightning_sparse.export.contents import baked_contents
 from lightning_sparse.export.fold import fold_batchnorm
 from lightning_sparse.export.onnx_export import PARITY_ATOL, export_onnx, onnx_parity
 from lightning_sparse.export.report import model_costs, timing_rows, write_report
@@ -22,6 +25,14 @@ from lightning_sparse.utils.timing import interleaved_times
 __all__ = ["export_checkpoint"]
 
 PARITY_BATCH = 4
+FILES = ("model.pt", "model_sparse.pt", "model.onnx")
+
+
+def _storage(model: torch.nn.Module) -> dict[str, int]:
+    """What ``model.pt`` stores: every state_dict tensor dense (zeros included); how many of those are nonzero."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return {"values": sum(t.numel() for t in tensors), "nonzero": sum(int(t.count_nonzero()) for t in tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors)}
 
 
 def _positive(**values: Any) -> None:
@@ -71,17 +82,24 @@ def export_checkpoint(
     overwrite: bool = False,
     atol: float = PARITY_ATOL,
 ) -> Path:
-    """Export a run for deployment: the slim network with N:M masks baked, to PyTorch and ONNX, with a report.
+    """Export a run for deployment: the network its forward used, to PyTorch and ONNX, with a report.
 
     Writes into ``out``:
 
-    * ``model.pt``: the slim network (BatchNorm not folded) as a slim export file: timm architecture,
-      channel configuration and weights; loads with :func:`lightning_sparse.slim.load_slim`, or with torch
-      and timm only (:data:`lightning_sparse.export.LOAD_SNIPPET`);
+    * ``model.pt``: the slim network (BatchNorm not folded; N:M masks baked where the run had them) as a
+      slim export file: timm architecture, channel configuration, weights (every tensor dense, zeros
+      included) and ``meta`` (``preprocessing``: what the model expects of a raw image; ``baked``: N:M masks,
+      unstructured masks and slimmed channels, each only where the model has it; ``nm``, ``masked``); loads
+      with :func:`lightning_sparse.slim.load_slim`, or with torch and timm only
+      (:data:`lightning_sparse.export.LOAD_SNIPPET`);
+    * ``model_sparse.pt``: the same file with its sparse tensors stored as values + bitmask
+      (:func:`~lightning_sparse.export.save_compact`); :func:`~lightning_sparse.export.load_compact` rebuilds
+      the same model, bitwise;
     * ``model.onnx``: the same network with BatchNorm folded into the convs, dynamic batch, checked with
       ``onnx.checker`` and run in onnxruntime (CPU): max |Δlogits| against the PyTorch model must be
       ``<= atol``, else nothing is written;
-    * ``report.json`` / ``report.md``: params, nonzero params, FLOPs of dense vs exported, and unless
+    * ``report.json`` / ``report.md``: what was baked, the preprocessing, the file sizes, params, nonzero
+      params, FLOPs of dense vs exported, and unless
       ``no_bench`` the measured latency (batch 1) and throughput (batch ``batch_size``) of the dense model of
       the same architecture (BatchNorm folded) vs the exported one in PyTorch eager (channels_last) and
       onnxruntime CPU, all interleaved in one run, with the speedups.
@@ -123,19 +141,27 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
     try:
         x = src.example_inputs(PARITY_BATCH)
+        dense = src.dense()
+        baked = baked_contents(src, dense)
         export_slim(src.model, tmp / "model.pt", example_inputs=x[:2], arch=src.arch, num_classes=src.num_classes,
                     in_chans=src.in_chans, model_kwargs=src.model_kwargs, image_size=src.image_size,
-                    source=str(checkpoint), nm=src.nm_text())
+                    source=str(checkpoint), nm=src.nm_text(), masked=list(src.masked),
+                    preprocessing=src.preprocessing, baked=baked)
+        save_compact(tmp / "model.pt", tmp / "model_sparse.pt")
         folded = fold_batchnorm(src.model, x[:1], strict=False)
         onnx_path = export_onnx(folded, x, tmp / "model.onnx", atol=atol, reference=src.model)
         report: dict[str, Any] = {
             "source": {"path": str(checkpoint), "kind": src.kind, "arch": src.arch, "num_classes": src.num_classes,
                        "in_chans": src.in_chans, "image_size": src.image_size, "nm": src.nm_text(), "notes": src.notes},
+            "baked": baked,
+            "preprocessing": src.preprocessing,
+            "files": {"bytes": {name: (tmp / name).stat().st_size for name in FILES},
+                      "model.pt stores": _storage(src.model)},
             "onnx": {"max_abs_diff": onnx_parity(onnx_path, src.model, x), "atol": atol,
                      "folded_batchnorm": len(folded.folded_batchnorm.folds),
                      "unfolded_batchnorm": folded.folded_batchnorm.unfoldable,
                      "torch": torch.__version__},
-            "costs": model_costs(src, src.dense()),
+            "costs": model_costs(src, dense),
         }
         if not no_bench:
             with tempfile.TemporaryDirectory() as work:

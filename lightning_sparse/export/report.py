@@ -8,12 +8,13 @@ from typing import Any
 
 from torch import nn
 
+from lightning_sparse.export.contents import describe_baked
 from lightning_sparse.run import RunModel, measure_costs
 from lightning_sparse.slim import count_flops
 from lightning_sparse.utils.inputs import example_inputs
 from lightning_sparse.utils.timing import Timing
 
-__all__ = ["LOAD_SNIPPET", "model_costs", "timing_rows", "write_report"]
+__all__ = ["LOAD_SNIPPET", "describe_preprocessing", "model_costs", "timing_rows", "write_report"]
 
 # How to load model.pt with torch and timm only (README "Export for deployment" shows the same text).
 LOAD_SNIPPET = '''\
@@ -81,6 +82,38 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def describe_preprocessing(pre: dict[str, Any] | None) -> str:
+    """The preprocessing record (:func:`lightning_sparse.run.run_preprocessing`) as one sentence.
+
+    Example:
+        >>> from lightning_sparse.data import ImageFolderDataModule
+        >>> for step in describe_preprocessing(ImageFolderDataModule(image_size=224).preprocessing()).split("; "):
+        ...     print(step)
+        From lightning_sparse.data.ImageFolderDataModule: RGB image
+        pixel values / 255
+        resize (shorter side) to 256, bilinear
+        centre crop to 224
+        then (x - mean) / std per channel with mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]
+        model input 3x224x224.
+    """
+    if not pre or pre.get("missing") or not pre.get("source"):
+        return f"Not recorded: {(pre or {}).get('missing') or 'the run was not looked up'}."
+    steps = [f"{pre['channel_order']} image"]
+    if pre.get("scale"):
+        steps.append(f"pixel values / {pre['scale']:g}")
+    if pre.get("resize"):
+        steps.append(f"resize (shorter side) to {pre['resize']}, {pre['interpolation']}")
+    if pre.get("crop"):
+        steps.append(f"centre crop to {pre['crop']}")
+    mean, std = ([round(v, 6) for v in pre[k]] for k in ("mean", "std"))
+    steps.append(f"then (x - mean) / std per channel with mean {mean}, std {std}")
+    return f"From {pre['source']}: " + "; ".join(steps) + "; model input " + "x".join(map(str, pre["input_size"])) + "."
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     """Write ``report.json`` (everything) and ``report.md`` (tables and the loading snippet) into ``folder``."""
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -93,7 +126,19 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         f"({len(report['onnx']['unfolded_batchnorm'])} left). ONNX parity: max |Δlogits| = "
         f"{report['onnx']['max_abs_diff']:.2e} (allowed {report['onnx']['atol']:g}).",
         "",
+        "## Baked into the weights",
+        "",
+        *[f"- {line}" for line in describe_baked(report["baked"])],
+        "",
+        "## Preprocessing",
+        "",
+        describe_preprocessing(report.get("preprocessing")),
+        "",
+        "## Loading notes",
+        "",
         *[f"- {note}" for note in src["notes"]],
+        "",
+        "## Costs",
         "",
         "| | params | params (N:M at N/M) | nonzero params | FLOPs | FLOPs (N:M at N/M) | FLOPs (nonzero) |",
         "|---|---|---|---|---|---|---|",
@@ -120,16 +165,28 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         lines.append("")
     else:
         lines += ["Timing skipped (--no_bench).", ""]
+    sizes, stored = report["files"]["bytes"], report["files"]["model.pt stores"]
     lines += [
         "## Files",
         "",
-        "- `model.pt`: the slim network (N:M masks baked, BatchNorm not folded) as a slim export "
-        "(`lightning_sparse.slim.load_slim`), loadable with torch and timm only:",
+        "| file | size | what it stores |",
+        "|---|---|---|",
+        f"| `model.pt` | {_mb(sizes['model.pt'])} | every tensor dense, zeros included: {stored['values']:,} values "
+        f"({_mb(stored['bytes'])}), {stored['nonzero']:,} of them nonzero |",
+        f"| `model_sparse.pt` | {_mb(sizes['model_sparse.pt'])} ({sizes['model_sparse.pt'] / sizes['model.pt']:.2f}x) "
+        "| the same, sparse tensors as nonzero values + a 1-bit mask |",
+        f"| `model.onnx` | {_mb(sizes['model.onnx'])} | BatchNorm folded, dense tensors |",
+        "",
+        "- `model.pt`: the slim network (BatchNorm not folded) as a slim export "
+        "(`lightning_sparse.slim.load_slim`), with the preprocessing and what was baked in its `meta`; "
+        "loadable with torch and timm only:",
         "",
         "```python",
         LOAD_SNIPPET.replace("export/model.pt", "model.pt").rstrip(),
         "```",
         "",
+        "- `model_sparse.pt`: the same model, compact; `lightning_sparse.export.load_compact(\"model_sparse.pt\")` "
+        "rebuilds it (bitwise the weights of `model.pt`).",
         "- `model.onnx`: the same network with BatchNorm folded; input `input` (N, C, H, W) float32 with a "
         "dynamic batch, output `logits`.",
         "- `report.json`: everything above, machine-readable.",

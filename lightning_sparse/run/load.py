@@ -12,7 +12,11 @@ Accepted inputs:
   over, so the same masks are recomputed here and written as exact zeros (``bake_nm`` on the callback's
   targets, ``n``, ``m`` and ``layout``);
 * a slim export file (:func:`~lightning_sparse.slim.export_slim`), loaded with
-  :func:`~lightning_sparse.slim.load_slim` (its weights are used as they are).
+  :func:`~lightning_sparse.slim.load_slim` (its weights are used as they are; the N:M layers, masked
+  weights and preprocessing an export recorded in its ``meta`` are read back).
+
+Loading a timm run also records its preprocessing (:func:`~lightning_sparse.run.preprocess.run_preprocessing`)
+and which weights hold unstructured masks (``RunModel.masked``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.run.model import NM, RunModel
+from lightning_sparse.run.preprocess import run_preprocessing
 from lightning_sparse.run.resolve import config_image_size, find_config, resolve_class, resolve_image_size
 from lightning_sparse.slim import SLIM_FORMAT, load_slim, restore_channel_config, slim_model
 from lightning_sparse.sparsity.chase import ChannelBook
@@ -104,6 +109,21 @@ def _check_masks(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor]) 
             raise InputError(f"weights are nonzero outside the masks of callback {key}: {bad}; the checkpoint is inconsistent.")
         notes.append(f"{key.split('{')[0]}: masks of {len(cb['masks'])} weights checked, applied to the stored weights.")
     return notes
+
+
+def _unstructured_masked(payload: Mapping[str, Any], prefix: str = _PREFIX) -> list[str]:
+    """Weights (model names) that an unstructured-mask callback's state masks: a mask with a pruned position.
+
+    N:M masks of a one-shot callback (``pattern="nm"``) are not unstructured: :func:`_bake_nm` lists those.
+    """
+    names: dict[str, None] = {}
+    for cb in (payload.get("callbacks") or {}).values():
+        if not isinstance(cb, Mapping) or not isinstance(cb.get("masks"), Mapping) or cb.get("pattern") == "nm":
+            continue
+        for name, mask in cb["masks"].items():
+            if name.startswith(prefix) and not bool(mask.bool().all()):
+                names[name[len(prefix):]] = None
+    return list(names)
 
 
 def _slim_removed_channels(model: nn.Module, payload: Mapping[str, Any], x: torch.Tensor) -> list[str]:
@@ -227,7 +247,8 @@ def _from_lightning(path: Path, payload: dict[str, Any], image_size: int | None,
         notes += _slim_removed_channels(model, payload, example_inputs(shape, batch_size=2))
     nm, nm_notes = _bake_nm(model, payload)
     return RunModel(model.eval(), arch, num_classes, in_chans, size, model_kwargs, "lightning checkpoint",
-                    nm, notes + nm_notes)
+                    nm, notes + nm_notes, masked=_unstructured_masked(payload),
+                    preprocessing=run_preprocessing(path, payload, model, shape, arch))
 
 
 def load_run_model(path: str | Path, image_size: int | None = None, *, model_default_size: bool = False,
@@ -258,9 +279,13 @@ def load_run_model(path: str | Path, image_size: int | None = None, *, model_def
     if payload.get("format") == SLIM_FORMAT:
         model = load_slim(path, verify=True)
         size = _image_size(path, payload, image_size, model if model_default_size else None)
-        return RunModel(model.eval(), payload["arch"], int(payload["num_classes"]), int(payload["in_chans"]),
-                        size, dict(payload.get("model_kwargs") or {}), "slim export",
-                        notes=["slim export: weights used as stored."])
+        meta = payload.get("meta") or {}
+        in_chans = int(payload["in_chans"])
+        nm = {str(k): NM.parse(v) for k, v in (meta.get("nm") or {}).items()}
+        return RunModel(model.eval(), payload["arch"], int(payload["num_classes"]), in_chans,
+                        size, dict(payload.get("model_kwargs") or {}), "slim export", nm=nm,
+                        notes=["slim export: weights used as stored."], masked=list(meta.get("masked") or []),
+                        preprocessing=run_preprocessing(path, payload, model, (in_chans, size, size), payload["arch"]))
     hp = payload.get("hyper_parameters") or {}
     if any_module and "state_dict" in payload and not all(k in hp for k in _CLASSIFIER_KEYS):
         return _from_config_class(path, payload, image_size)

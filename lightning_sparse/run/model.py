@@ -54,7 +54,10 @@ class NM:
 class RunModel:
     """A run's deployable network (eval mode) and what is known about it.
 
-    ``nm`` maps the parameter names (of ``model``) whose N:M masks were baked in to their pattern.
+    ``nm`` maps the parameter names (of ``model``) whose N:M masks were baked in to their pattern;
+    ``masked`` lists those whose unstructured masks (DynamicSparsity, Chase, GMP, one-shot) the stored weights
+    hold; ``preprocessing`` is what the model expects of a raw image
+    (:func:`lightning_sparse.run.preprocess.run_preprocessing`; ``None`` where it was not looked up).
     """
 
     model: nn.Module
@@ -66,6 +69,8 @@ class RunModel:
     kind: str  # "lightning checkpoint" | "slim export"
     nm: dict[str, NM] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    masked: list[str] = field(default_factory=list)
+    preprocessing: dict[str, Any] | None = None
     factory: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)  # not timm: builds it
 
     @property

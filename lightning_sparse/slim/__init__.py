@@ -46,7 +46,7 @@ Example:
 from lightning_sparse.slim.candidates import ChannelCandidates, ChannelEntry, ChannelGroup, channel_candidates
 from lightning_sparse.slim.checkpoint import CHANNEL_CONFIG_KEY, find_channel_config, restore_channel_config
 from lightning_sparse.slim.config import apply_channel_config, channel_config
-from lightning_sparse.slim.export import SLIM_FORMAT, export_slim, load_slim
+from lightning_sparse.slim.export import SLIM_FORMAT, build_slim, export_slim, load_slim
 from lightning_sparse.slim.flops import count_flops, slim_report
 from lightning_sparse.slim.prune import SlimResult, slim_model, zero_channels
 
@@ -64,6 +64,7 @@ __all__ = [
     "find_channel_config",
     "restore_channel_config",
     "SLIM_FORMAT",
+    "build_slim",
     "export_slim",
     "load_slim",
     "slim_report",

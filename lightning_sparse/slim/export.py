@@ -13,7 +13,7 @@ from lightning_sparse.utils.checkpoints import load_checkpoint
 from lightning_sparse.utils.errors import InputError
 from lightning_sparse.utils.modules import device_inputs, eval_mode, first_conv
 
-__all__ = ["SLIM_FORMAT", "export_slim", "load_slim"]
+__all__ = ["SLIM_FORMAT", "build_slim", "export_slim", "load_slim"]
 
 SLIM_FORMAT = "lightning_sparse.slim/1"
 
@@ -76,11 +76,26 @@ def load_slim(path: str | Path, map_location: str | torch.device = "cpu", verify
             (:func:`lightning_sparse.utils.checkpoints.load_checkpoint`).
         RuntimeError: the rebuilt model's outputs differ from the stored ones.
     """
-    import timm
-
     payload = load_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != SLIM_FORMAT:
         raise InputError(f"{path} is not a slim export (expected format {SLIM_FORMAT!r}).")
+    return build_slim(payload, str(path), verify).to(map_location)
+
+
+def build_slim(payload: dict[str, Any], name: str = "slim export", verify: bool = True) -> nn.Module:
+    """The model a slim export's contents describe (what :func:`load_slim` does after reading the file).
+
+    Args:
+        payload: ``arch``, ``num_classes``, ``in_chans``, ``model_kwargs``, ``channel_config``, ``state_dict``,
+            ``meta`` and optionally ``example_inputs``/``example_outputs`` (see :func:`export_slim`).
+        name: what to call it in an error.
+        verify: compare the outputs on the stored example inputs with the stored outputs.
+
+    Raises:
+        RuntimeError: the rebuilt model's outputs differ from the stored ones.
+    """
+    import timm
+
     model = timm.create_model(
         payload["arch"], pretrained=False, num_classes=payload["num_classes"], in_chans=payload["in_chans"],
         **payload["model_kwargs"],
@@ -96,8 +111,8 @@ def load_slim(path: str | Path, map_location: str | torch.device = "cpu", verify
         ref = payload["example_outputs"]
         if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
             raise RuntimeError(
-                f"{path}: rebuilt model's outputs differ from the stored ones (max abs diff "
+                f"{name}: rebuilt model's outputs differ from the stored ones (max abs diff "
                 f"{(out - ref).abs().max().item():.3g})."
             )
     model.slim_meta = dict(payload["meta"], arch=payload["arch"])  # type: ignore[assignment]
-    return model.to(map_location)
+    return model
