@@ -922,7 +922,7 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 epilog="Sections: a training step, b Chase inference, c 2:4 end to end, d pytest -m gpu.")
     p.add_argument("--device", default="cuda", help="'cuda', 'cuda:N' or 'cpu' (default: cuda)")
     p.add_argument("--tiny", action="store_true", help="toy sizes: the whole suite in seconds (what the tests run)")
@@ -953,10 +953,19 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
-    sizes = TINY if args.tiny else FULL
-    for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric",
-                 "lightning_fabric.utilities.rank_zero", "lightning.pytorch"):  # one line per row, not per Trainer
+    quiet = {name: logging.getLogger(name).level for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero",
+             "lightning_fabric", "lightning_fabric.utilities.rank_zero", "lightning.pytorch")}
+    for name in quiet:  # one line per row, not per Trainer; put back when the suite ends (it also runs in-process)
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return _run(args, device, argv)
+    finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> int:
+    sizes = TINY if args.tiny else FULL
     # every compiled model is one more cache entry of the same forward code (ResNet.forward, ...): past Dynamo's
     # recompile limit (8) it would silently run eager, so the compile rows would time eager
     from torch import _dynamo

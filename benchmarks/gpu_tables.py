@@ -116,7 +116,7 @@ def update(text: str, block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--file", type=Path, default=ROOT / "README.md")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--check", action="store_true", help="exit 1 if the block differs from what the reports give")

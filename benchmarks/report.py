@@ -78,6 +78,13 @@ BENCHES = [
     Bench("digits_sweep", ["benchmarks/digits_sweep.py"], ["--jobs", "2"], ["--jobs", "2"],
           "test accuracy of every method over densities, N:M patterns and seeds (docs/comparison.md)",
           skip="78 training runs (hours on 2 CPU cores); its tables and figures are in docs/comparison.md"),
+    Bench("gpu_suite", ["benchmarks/gpu_suite.py"], [], ["--device", "cpu", "--tiny"],
+          "training step / dense, Chase inference and 2:4 end to end on one GPU, one prepared command",
+          skip="a GPU measurement (docs/development.md, GPU suite); its CPU toy run is tests/test_gpu_suite.py, "
+               "gpu_tables.py turns its report into the README's GPU tables"),
+    Bench("gpu_tables", ["benchmarks/gpu_tables.py"], [], ["--check"],
+          "the README's GPU tables, written from the GPU suite's reports",
+          skip="writes tables, measures nothing"),
 ]
 
 

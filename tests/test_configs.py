@@ -167,11 +167,13 @@ def test_srste_coverage(tag, capsys):
 
     for name in ("model.fc", "model.layer2.0.conv2"):
         model.get_submodule(name).register_forward_hook(record(name))
-    trainer(callbacks=[NMSparsity(**nm)], limit_val_batches=1).validate(model, loader, verbose=False)
     fc, conv = model.model.fc, model.model.layer2[0].conv2
+    dense = conv.weight.detach().clone()
+    trainer(callbacks=[NMSparsity(**nm)], limit_val_batches=1).validate(model, loader, verbose=False)
     with torch.no_grad():
         torch.testing.assert_close(seen["model.fc"][1], F.linear(seen["model.fc"][0], fc.weight, fc.bias))
-        baked = conv.weight * nm_mask(conv.weight, n, m)
-        assert not torch.equal(baked, conv.weight)
+        baked = dense * nm_mask(dense, n, m)
+        assert not torch.equal(baked, dense)
+        assert torch.equal(conv.weight, baked)  # after the run the module holds the masked weight
         torch.testing.assert_close(seen["model.layer2.0.conv2"][1],
                                    F.conv2d(seen["model.layer2.0.conv2"][0], baked, None, conv.stride, conv.padding))

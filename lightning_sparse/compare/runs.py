@@ -272,7 +272,7 @@ def train_budget(run: Run) -> dict[str, Any]:
     run does not hold (no ``last.ckpt``, no batch size in its config, an unknown number of processes) is None.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> d = Path(tempfile.mkdtemp())
         >>> loops = {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": 60}, "is_last_batch": True}}}
         >>> torch.save({"epoch": 2, "global_step": 30, "loops": loops}, d / "last.ckpt")
