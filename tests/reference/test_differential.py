@@ -230,7 +230,8 @@ def test_chase_schedule_equals_reference_step_for_step():
 
     for dt, interval, spe in ((1000, 2, 2502), (20, 1, 23), (4, 1, 6)):
         total_epochs = 10
-        sched = ChaseSchedule(spe, total_epochs * spe, 2, 8, interval, 0.4, 0.05, (0.5, 0.005), 0.1, update_interval=dt)
+        sched = ChaseSchedule.from_epochs(spe, total_epochs * spe, 2, 8, interval, 0.4, 0.05, (0.5, 0.005), 0.1,
+                                          update_interval=dt)
         for s in range(1, total_epochs * spe):
             ev = step_events(s - 1, steps_per_epoch=spe, total_epochs=total_epochs, stop_dst_epochs=2,
                              stop_gmp_epochs=8, update_frequency=dt, layer_interval_epochs=interval,
