@@ -127,6 +127,8 @@ API_CASES = [
     ("beta outside (0, 1]", lambda t: _chase(minimum_ratio=0.0), ValueError, r"minimum_ratio=0.0"),
     ("channel removal after stop", lambda t: _chase(channel_interval_epochs=9, stop_gmp_epochs=4), ValueError,
      "Conflicting channel schedule"),
+    ("a schedule span in epochs and as a fraction", lambda t: _chase(stop_gmp_epochs=8, stop_gmp_fraction=0.8), ValueError,
+     r"Give `stop_gmp_epochs` \(an int of epochs\) or `stop_gmp_fraction` \(a fraction of training\), not both"),
     ("network whose convs all feed residual sums", _residual_only, ValueError,
      r"Chase found no candidate conv among the sparse layers of Res"),
     ("missing ImageFolder directory", _missing_imagefolder, FileNotFoundError, r"ImageFolder data not found: missing"),

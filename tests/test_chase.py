@@ -205,7 +205,8 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_schedule_longer_than_training_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"does not fit max_epochs=3: stop_gmp_epochs=5"):
+    with pytest.raises(ValueError, match=r"does not fit max_epochs=3, max_steps=18 \(18 optimizer steps\): stop_gmp_epochs=5 "
+                                         r"\(step 30\) must be <= the 18 training steps\. Give the schedule as fractions"):
         trainer(tmp_path, 18, [Chase(**{**KW, "stop_gmp_epochs": 5})], max_epochs=3).fit(TinyNet(), fixed_loader())
 
 

@@ -40,8 +40,8 @@ def test_plan_at_the_target_removes_nothing() -> None:
 
 
 def test_scheduled_update_follows_the_phases() -> None:
-    sched = ChaseSchedule(steps_per_epoch=10, total_steps=100, stop_dst_epochs=2, stop_gmp_epochs=6,
-                          channel_interval_epochs=2, channel_sparsity=0.5, density=0.5, update_interval=10)
+    sched = ChaseSchedule(total_steps=100, phase2_steps=20, channel_stop=60, channel_interval=20, channel_sparsity=0.5,
+                          density=0.5, update_interval=10)
     torch.manual_seed(0)
     w = {"l": torch.randn(8, 8)}
     masks = {"l": torch.rand(8, 8) < 0.5}

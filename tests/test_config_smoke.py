@@ -28,7 +28,7 @@ NOT_TRAIN_CONFIGS = {"slurm"}
 # one per callback, run by default: DynamicSparsity (+ SADTracker), Chase (the paper config), NMSparsity (+ SADTracker)
 FAST = {"quickstart_rigl.yaml", "imagenet_resnet50_chase.yaml", "quickstart_nm24.yaml"}
 METHODS = ("DynamicSparsity", "Chase", "NMSparsity", "SADTracker")
-TINY_MODELS = {"resnet18", "resnet10t", None}
+TINY_MODELS = {"resnet18", "resnet10t", "vit_tiny_patch16_224", None}  # the ViT quickstart is narrowed to width 64
 
 
 def _header_commands(path: Path) -> list[list[Path]]:

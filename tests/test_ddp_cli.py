@@ -15,8 +15,9 @@ from helpers.ddp import assert_equal_across_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARSE_CONFIGS = ["quickstart_rigl.yaml", "quickstart_chase.yaml", "quickstart_nm24.yaml", "quickstart_nm24_ste.yaml"]
-SMALL = {"quickstart_chase.yaml": {"channel_interval_epochs": 1, "stop_gmp_epochs": 2, "stop_dst_epochs": 1,
-                                   "update_interval": 2},
+# Chase: channels removed every epoch until epoch 2, phase 2 = the last epoch (of 3)
+SMALL = {"quickstart_chase.yaml": {"channel_interval_fraction": 1 / 3, "stop_gmp_fraction": 2 / 3,
+                                   "stop_dst_fraction": 1 / 3, "update_interval": 2},
          "quickstart_rigl.yaml": {"update_interval": 2}}
 
 

@@ -175,7 +175,8 @@ def test_checkpoint_keeps_plain_model_keys(tmp_path):
         ({"distribution": "normal"}, r"`distribution`='normal' is not supported; choose one of \['uniform', 'erk'\]"),
         ({"growth": "momentum"}, r"`growth`='momentum' is not supported; choose one of \['gradient', 'random'\]"),
         ({"start_step": 100, "stop_step": 50}, "`stop_step` must be after `start_step`, got start_step=100, stop_step=50"),
-        ({"stop_step": 5, "stop_epoch": 1}, "Give `stop_step` or `stop_epoch`, not both"),
+        ({"stop_step": 5, "stop_epoch": 1}, r"Give one of `stop_step`, `stop_epoch` or `stop_fraction`, not several \(got "
+                                            r"stop_step=5, stop_epoch=1\)"),
     ],
 )
 def test_bad_arguments(kwargs, match):

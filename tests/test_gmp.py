@@ -155,7 +155,8 @@ def test_schedule_functions():
         ({"distribution": "normal"}, r"`distribution`='normal' is not supported; choose one of \['global', 'uniform', 'erk'\]"),
         ({"update_interval": 0}, r"`update_interval` \(Δt, in steps\) must be an int >= 1, got update_interval=0"),
         ({"start_step": 100, "stop_step": 50}, "`stop_step` must be after `start_step`, got start_step=100, stop_step=50"),
-        ({"stop_step": 5, "stop_epoch": 1}, "Give `stop_step` or `stop_epoch`, not both"),
+        ({"stop_step": 5, "stop_epoch": 1}, r"Give one of `stop_step`, `stop_epoch` or `stop_fraction`, not several \(got "
+                                            r"stop_step=5, stop_epoch=1\)"),
         ({"density": 0.5, "initial_sparsity": 0.7}, r"`initial_sparsity` \(s_i\) must be <= the final sparsity"),
         ({"initial_sparsity": 1.0}, r"`initial_sparsity` \(s_i\) must be in \[0, 1\), got initial_sparsity=1.0"),
     ],

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 OVERRIDES = {
     "quickstart_rigl.yaml": {"update_interval": 2},
-    "quickstart_chase.yaml": {"update_interval": 2, "channel_interval_epochs": 1, "stop_gmp_epochs": 2,
-                              "stop_dst_epochs": 1},
+    # channels removed every epoch until epoch 2, phase 2 = the last epoch (of 3)
+    "quickstart_chase.yaml": {"update_interval": 2, "channel_interval_fraction": 1 / 3, "stop_gmp_fraction": 2 / 3,
+                              "stop_dst_fraction": 1 / 3},
     "quickstart_nm24.yaml": {},
 }
 

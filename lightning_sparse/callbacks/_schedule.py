@@ -5,6 +5,11 @@ is ``ceil(batches / accumulate_grad_batches)`` (Lightning steps once more at the
 last accumulation window is short); under manual optimization each optimizer is taken to step once per
 batch. Training ends at ``max_steps`` or at ``max_epochs`` × steps per epoch, whichever comes first.
 
+Schedule points given as a *fraction of training* (``stop_fraction``, Chase's ``stop_gmp_fraction`` ...) are
+resolved against :func:`total_steps` at each fit start (:func:`fraction_step`), so they scale with ``max_epochs``
+and also work for ``max_steps``-bounded runs and datasets without a length; points given in epochs need the
+epoch length and are checked against the training by the callbacks that use them.
+
 Under ``fast_dev_run`` (a smoke test of a few batches) the callbacks do not refuse a schedule written for
 the full run: like Lightning's own loops and checkpointing adapt, each one compresses its schedule so every
 mechanism runs once (:func:`fast_dev_run_step`), and says so in one info line.
@@ -18,7 +23,36 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["steps_per_epoch", "total_steps", "resolve_stop_step", "fast_dev_run_step", "UpdateGuard"]
+from lightning_sparse.checks import check_range
+
+__all__ = ["DEFAULT_STOP_FRACTION", "check_stop_args", "steps_per_epoch", "total_steps", "fraction_step",
+           "resolve_stop_step", "describe_limits", "fast_dev_run_step", "UpdateGuard"]
+
+
+DEFAULT_STOP_FRACTION = 0.75  # RigL's ``end_step``: updates stop at 75 % of training
+
+
+def check_stop_args(stop_step: int | None, stop_epoch: int | None, stop_fraction: float | None, start_step: int,
+                    high_inclusive: bool = True) -> None:
+    """At most one of ``stop_step``/``stop_epoch``/``stop_fraction``, each in its range (DynamicSparsity, GMP)."""
+    given = {k: v for k, v in (("stop_step", stop_step), ("stop_epoch", stop_epoch), ("stop_fraction", stop_fraction))
+             if v is not None}
+    if len(given) > 1:
+        raise ValueError(
+            f"Give one of `stop_step`, `stop_epoch` or `stop_fraction`, not several (got "
+            f"{', '.join(f'{k}={v}' for k, v in given.items())})."
+        )
+    if stop_step is not None:
+        check_range("stop_step", stop_step, 0, low_inclusive=True, integer=True)
+        if stop_step <= start_step:
+            raise ValueError(
+                f"`stop_step` must be after `start_step`, got start_step={start_step}, stop_step={stop_step}."
+            )
+    if stop_epoch is not None:
+        check_range("stop_epoch", stop_epoch, 1, low_inclusive=True, integer=True)
+    if stop_fraction is not None:
+        check_range("stop_fraction", stop_fraction, 0, 1, high_inclusive=high_inclusive,
+                    what="a fraction of the training's optimizer steps")
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -55,15 +89,37 @@ def total_steps(trainer: pl.Trainer) -> int:
     return min(limits)
 
 
+def fraction_step(fraction: float, total: int) -> int:
+    """The optimizer step at ``fraction`` of a training of ``total`` steps: ``floor(fraction × total)``, immune to
+    float noise (``0.29 × 100`` is step 29), so ``k / E`` of ``E`` epochs is exactly the start of epoch ``k``.
+
+    Example:
+        >>> fraction_step(0.8, 240), fraction_step(0.29, 100), fraction_step(1 / 3, 12)
+        (192, 29, 4)
+    """
+    return int(math.floor(fraction * total + 1e-9))
+
+
 def resolve_stop_step(
     trainer: pl.Trainer, stop_step: int | None = None, stop_epoch: int | None = None, fraction: float = 0.75
 ) -> int:
-    """An explicit ``stop_step`` wins; else ``stop_epoch`` × steps per epoch; else ``fraction`` of training."""
+    """An explicit ``stop_step`` wins; else ``stop_epoch`` × steps per epoch; else ``fraction`` of training
+    (:func:`fraction_step` of :func:`total_steps`)."""
     if stop_step is not None:
         return int(stop_step)
     if stop_epoch is not None:
         return max(1, int(stop_epoch) * steps_per_epoch(trainer))
-    return max(1, int(fraction * total_steps(trainer)))
+    return max(1, fraction_step(fraction, total_steps(trainer)))
+
+
+def describe_limits(trainer: pl.Trainer) -> str:
+    """``"max_epochs=4 (80 optimizer steps)"``: what bounds the training, for error messages."""
+    parts = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        parts.append(f"max_epochs={trainer.max_epochs}")
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        parts.append(f"max_steps={trainer.max_steps}")
+    return f"{', '.join(parts)} ({total_steps(trainer)} optimizer steps)"
 
 
 def fast_dev_run_step(trainer: pl.Trainer, owner: str, what: str, first: int = 0) -> int | None:

@@ -23,10 +23,17 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, example_input, log_metrics
 from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration
-from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, steps_per_epoch, total_steps
+from lightning_sparse.callbacks._schedule import (
+    UpdateGuard,
+    describe_limits,
+    fast_dev_run_step,
+    steps_per_epoch,
+    total_steps,
+)
 from lightning_sparse.callbacks._slim_restore import restore_before_weights_load
 from lightning_sparse.slim import ChannelGroup, channel_candidates, channel_config, count_flops, slim_model
 from lightning_sparse.sparsity.chase import (
+    SPANS,
     ChannelBook,
     ChaseSchedule,
     cap_budget,
@@ -47,21 +54,35 @@ class Chase(pl.Callback):
 
     The unstructured part (CHASE.md §1) updates the masks after every ``update_interval``-th optimizer step
     with that batch's gradient: phase 1 (soft memory bound, ``phase1`` layerwise or global) until
-    ``stop_dst_epochs`` before the end, then phase 2 (strict per-layer budget). The channel part (CHASE.md §2)
+    ``stop_dst`` before the end, then phase 2 (strict per-layer budget). The channel part (CHASE.md §2)
     removes the candidate channels with the lowest UMM on a cubic schedule to ``channel_sparsity`` until
-    ``stop_gmp_epochs``, re-solves ERK over the remaining shapes, and ``slim`` deletes them physically
-    (``"during"``, ``"end"`` or ``"never"``). ``residual_channels=True`` also removes channels of the residual
-    streams ("prune skip"). Every rule, with its reference and fidelity rows, is on the Chase page of the
-    documentation (``docs/callbacks/chase.md``).
+    ``stop_gmp``, every ``channel_interval``, re-solves ERK over the remaining shapes, and ``slim`` deletes them
+    physically (``"during"``, ``"end"`` or ``"never"``).
+
+    The three spans ``stop_gmp``, ``stop_dst`` and ``channel_interval`` are each given in epochs
+    (``stop_gmp_epochs: 80``, an int) or as a fraction of training (``stop_gmp_fraction: 0.8``, a float: of the
+    fit's optimizer steps, ``max_steps`` or ``max_epochs`` × steps per epoch, whichever ends training first),
+    never both; with neither, the reference's ratio (ImageNet ResNet-50: 80, 20 and 2 of 100 epochs, so 0.8,
+    0.2 and 0.02). Fractions are resolved at each fit start (``floor(fraction × total steps)``, the interval at
+    least one step), so ``--trainer.max_epochs=N`` alone scales the schedule; epochs stay fixed and a schedule
+    that does not fit the training raises at train start, naming the fraction to set. The resolved schedule,
+    in optimizer steps, is :attr:`schedule` (``channel_stop``, ``phase2_start``, ``channel_interval``).
+
+    ``residual_channels=True`` also removes channels of the residual streams ("prune skip"). Every rule, with
+    its reference and fidelity rows, is on the Chase page of the documentation (``docs/callbacks/chase.md``).
 
     Args:
         density: D, kept fraction of the sparse layers' weights (paper: 0.1, 0.2).
         channel_sparsity: S_c, final fraction of candidate channels removed (paper: 0.3–0.6;
             ImageNet reference ``start_layer_rate`` 0.4). 0 disables the channel part.
         minimum_ratio: β, per-layer floor factor (ImageNet 0.2, CIFAR 0.5).
-        channel_interval_epochs: epochs between channel removals (``layer_interval``; ImageNet 2).
-        stop_gmp_epochs: epoch at which the channel schedule reaches S_c (ImageNet 80 of 100).
-        stop_dst_epochs: length of phase 2 in epochs, counted from the end (ImageNet 20).
+        channel_interval_epochs: epochs between channel removals (``layer_interval``; ImageNet 2), an int >= 1.
+        stop_gmp_epochs: epoch at which the channel schedule reaches S_c (ImageNet 80 of 100), an int >= 1.
+        stop_dst_epochs: length of phase 2 in epochs, counted from the end (ImageNet 20), an int >= 0.
+        channel_interval_fraction: the interval between channel removals as a fraction of training, in (0, 1]
+            (default when neither is given: 0.02 = 2 of 100 epochs).
+        stop_gmp_fraction: the end of the channel schedule as a fraction of training, in (0, 1] (default: 0.8).
+        stop_dst_fraction: the length of phase 2 as a fraction of training, in [0, 1) (default: 0.2).
         update_interval: ΔT, optimizer steps between DST updates (reference: 1000).
         drop_fraction: p0, r_t − D at step 0 of phase 1 (reference ``prune_rate`` 0.05).
         phase2_drop_fraction: (s, e) of the whole-training cosine phase 2 reads (reference 0.5 → 0.005).
@@ -83,9 +104,14 @@ class Chase(pl.Callback):
         max_postponed: consecutive non-finite update steps tolerated before giving up.
 
     Example:
-        >>> cb = Chase(density=0.1, channel_sparsity=0.4, minimum_ratio=0.2, stop_gmp_epochs=80, stop_dst_epochs=20)
+        >>> cb = Chase(density=0.1, channel_sparsity=0.4, minimum_ratio=0.2, stop_gmp_fraction=0.8,
+        ...            stop_dst_fraction=0.2)
         >>> cb.state_key
         "Chase{'density': 0.1, 'channel_sparsity': 0.4, 'score': 'umm'}"
+
+    Raises:
+        ValueError: an argument outside its range or both forms of one span (``__init__``); at train start, a
+            schedule that does not fit the training, or Torch-Pruning finding no candidate channel.
     """
 
     changes_architecture = True  # the model's shapes change during fit (see ``slim``)
@@ -95,9 +121,12 @@ class Chase(pl.Callback):
         density: float = 0.1,
         channel_sparsity: float = 0.4,
         minimum_ratio: float = 0.2,
-        channel_interval_epochs: int = 2,
-        stop_gmp_epochs: int = 80,
-        stop_dst_epochs: int = 20,
+        channel_interval_epochs: int | None = None,
+        stop_gmp_epochs: int | None = None,
+        stop_dst_epochs: int | None = None,
+        channel_interval_fraction: float | None = None,
+        stop_gmp_fraction: float | None = None,
+        stop_dst_fraction: float | None = None,
         update_interval: int = 1000,
         drop_fraction: float = 0.05,
         phase2_drop_fraction: tuple[float, float] = (0.5, 0.005),
@@ -194,10 +223,7 @@ class Chase(pl.Callback):
                            "removed channels stay zero during training and are slimmed at the end of fit.")
             self.slim = "end"
         smoke = fast_dev_run_step(trainer, "Chase", ChaseSchedule.SMOKE, 1) is not None or bool(trainer.fast_dev_run)
-        self.schedule = ChaseSchedule.for_training(
-            trainer.max_epochs or 0, steps_per_epoch(trainer), total_steps(trainer), self.stop_dst_epochs,
-            self.stop_gmp_epochs, self.channel_interval_epochs, self.channel_sparsity, self.drop_fraction,
-            self.phase2_drop_fraction, self.density, update_interval=self.update_interval, fast_dev_run=smoke)
+        self.schedule = self._run_resolve_schedule(trainer, smoke)
         self.engine.bind(pl_module)
         self.engine.enforce(trainer.optimizers)
         self._log(trainer, {})
@@ -258,6 +284,23 @@ class Chase(pl.Callback):
         self.groups = {}  # re-traced lazily on the (possibly slimmed) model
 
     # ----------------------------------------------------------------------------------- internals
+    def _run_resolve_schedule(self, trainer: pl.Trainer, smoke: bool) -> ChaseSchedule:
+        """The schedule in optimizer steps for this fit (``*_fraction`` spans scale with its length)."""
+        args: dict[str, Any] = {f"{span}_{unit}": getattr(self, f"{span}_{unit}") for span in SPANS
+                                for unit in ("epochs", "fraction")}
+        args.update(channel_sparsity=self.channel_sparsity, density=self.density, update_interval=self.update_interval,
+                    drop_fraction=self.drop_fraction, phase2_drop_fraction=self.phase2_drop_fraction)
+        total = total_steps(trainer)
+        if smoke:
+            return ChaseSchedule.for_training(args, total, fast_dev_run=True)
+        uses_epochs = any(args[f"{span}_epochs"] is not None for span in SPANS)
+        spe = steps_per_epoch(trainer) if uses_epochs else None
+        schedule = ChaseSchedule.for_training(args, total, spe, describe_limits(trainer))
+        rank_zero_info(f"Chase: schedule in optimizer steps of {total}: channel removals every "
+                       f"{schedule.channel_interval} until step {schedule.channel_stop}, phase 2 from step "
+                       f"{schedule.phase2_start}, DST updates every {self.update_interval}")
+        return schedule
+
     def _seed(self, step: int) -> int:
         return self.seed * 1_000_003 + step
 

@@ -11,7 +11,15 @@ from typing_extensions import override
 
 from lightning_sparse.callbacks._base import MaskSourceInfo, check_strategy, log_metrics
 from lightning_sparse.callbacks._iteration import AfterStep, check_update_iteration, skip_optimizer_step
-from lightning_sparse.callbacks._schedule import UpdateGuard, fast_dev_run_step, resolve_stop_step
+from lightning_sparse.callbacks._schedule import (
+    DEFAULT_STOP_FRACTION,
+    UpdateGuard,
+    check_stop_args,
+    describe_limits,
+    fast_dev_run_step,
+    resolve_stop_step,
+    total_steps,
+)
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.distributions import DISTRIBUTIONS
 from lightning_sparse.sparsity.dst import GROWTH_MODES, cosine_drop_fraction, drop_grow, initial_masks
@@ -23,7 +31,8 @@ __all__ = ["DynamicSparsity"]
 
 
 def _check_args(density: float, distribution: str, growth: str, drop_fraction: float, update_interval: int,
-                start_step: int, stop_step: int | None, stop_epoch: int | None, max_postponed: int) -> None:
+                start_step: int, stop_step: int | None, stop_epoch: int | None, stop_fraction: float | None,
+                max_postponed: int) -> None:
     check_range("density", density, 0, 1)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_choice("growth", growth, GROWTH_MODES, "'gradient' = RigL, 'random' = SET")
@@ -31,14 +40,7 @@ def _check_args(density: float, distribution: str, growth: str, drop_fraction: f
     check_range("update_interval", update_interval, 1, low_inclusive=True, integer=True, what="ΔT, in steps")
     check_range("start_step", start_step, 0, low_inclusive=True, integer=True)
     check_range("max_postponed", max_postponed, 1, low_inclusive=True, integer=True)
-    if stop_step is not None and stop_epoch is not None:
-        raise ValueError(
-            f"Give `stop_step` or `stop_epoch`, not both (got stop_step={stop_step}, stop_epoch={stop_epoch})."
-        )
-    if stop_step is not None and stop_step <= start_step:
-        raise ValueError(f"`stop_step` must be after `start_step`, got start_step={start_step}, stop_step={stop_step}.")
-    if stop_epoch is not None:
-        check_range("stop_epoch", stop_epoch, 1, low_inclusive=True, integer=True)
+    check_stop_args(stop_step, stop_epoch, stop_fraction, start_step)
 
 
 class DynamicSparsity(pl.Callback):
@@ -72,10 +74,15 @@ class DynamicSparsity(pl.Callback):
         drop_fraction: α, the initial drop fraction (RigL: 0.3), decayed with a cosine to 0.
         update_interval: ΔT, optimizer steps between mask updates (RigL ImageNet: 100).
         start_step: first step at which updates may happen.
-        stop_step: last update step (exclusive); always wins. Exclusive with ``stop_epoch``; if neither is
-            given, updates stop at 75 % of training (RigL's ``end_step``), counted in optimizer steps
-            (``max_steps``, ``max_epochs``, gradient accumulation and manual optimization respected).
-        stop_epoch: like ``stop_step`` in epochs.
+        stop_step: last update step (exclusive), in optimizer steps. A stop step after the end of training
+            means updates until the end.
+        stop_epoch: like ``stop_step`` in epochs (an int); it must fit the training (at most ``max_epochs``,
+            and within ``max_steps``), else ``on_train_start`` raises and names ``stop_fraction``.
+        stop_fraction: like ``stop_step`` as a fraction of training in (0, 1]: ``floor(stop_fraction × total)``
+            with total = the fit's optimizer steps (``max_steps`` or ``max_epochs`` × steps per epoch, whichever
+            ends training first; gradient accumulation and manual optimization respected), resolved at each fit
+            start, so it scales with ``max_epochs`` and works for ``max_steps``-bounded runs. Give at most one of
+            ``stop_step``, ``stop_epoch`` and ``stop_fraction``; with none, 0.75 (RigL's ``end_step``).
         include: fnmatch patterns of parameter names to make sparse (any weight with >= 2 dims).
         exclude: fnmatch patterns of parameter names to keep dense.
         sparse_first_last: also sparsify the first and the last candidate weight.
@@ -103,6 +110,7 @@ class DynamicSparsity(pl.Callback):
         start_step: int = 0,
         stop_step: int | None = None,
         stop_epoch: int | None = None,
+        stop_fraction: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         sparse_first_last: bool = False,
@@ -111,12 +119,13 @@ class DynamicSparsity(pl.Callback):
         max_postponed: int = 10,
     ) -> None:
         _check_args(density, distribution, growth, drop_fraction, update_interval, start_step, stop_step, stop_epoch,
-                    max_postponed)
+                    stop_fraction, max_postponed)
         check_patterns("include", include)
         check_patterns("exclude", exclude)
         self.density, self.distribution, self.growth = density, distribution, growth
         self.drop_fraction, self.update_interval = drop_fraction, update_interval
         self.start_step, self.stop_step, self.stop_epoch = start_step, stop_step, stop_epoch
+        self.stop_fraction = stop_fraction
         self.include, self.exclude, self.sparse_first_last = include, exclude, sparse_first_last
         self.seed, self.log_per_layer = seed, log_per_layer
         self.engine = MaskEngine()
@@ -166,8 +175,9 @@ class DynamicSparsity(pl.Callback):
             return {}
 
     def resolved_stop_step(self, trainer: pl.Trainer) -> int:
-        """The optimizer step at which mask updates stop (an explicit ``stop_step`` always wins)."""
-        return resolve_stop_step(trainer, self.stop_step, self.stop_epoch)
+        """The optimizer step at which mask updates stop (``stop_step``, ``stop_epoch`` or ``stop_fraction``)."""
+        fraction = DEFAULT_STOP_FRACTION if self.stop_fraction is None else self.stop_fraction
+        return resolve_stop_step(trainer, self.stop_step, self.stop_epoch, fraction)
 
     # ------------------------------------------------------------------------------------- hooks
     @override
@@ -186,10 +196,11 @@ class DynamicSparsity(pl.Callback):
             self._stop = self._smoke_step + 1
         else:
             self._stop = self.resolved_stop_step(trainer)
+            self._check_fits(trainer)
         if self._smoke_step is None and self._stop <= self.start_step:
             raise ValueError(
                 f"DynamicSparsity stops before it starts: start_step={self.start_step}, stop step={self._stop} "
-                f"(stop_step={self.stop_step}, stop_epoch={self.stop_epoch})."
+                f"(stop_step={self.stop_step}, stop_epoch={self.stop_epoch}, stop_fraction={self.stop_fraction})."
             )
         self.engine.enforce(trainer.optimizers)
         self._log(trainer, {})
@@ -230,6 +241,16 @@ class DynamicSparsity(pl.Callback):
         self.guard.load_state_dict(state_dict.get("guard", {}))
 
     # ----------------------------------------------------------------------------------- internals
+    def _check_fits(self, trainer: pl.Trainer) -> None:
+        """A ``stop_epoch`` after the end of training cannot be meant (the cosine would never decay)."""
+        assert self._stop is not None
+        if self.stop_epoch is not None and self._stop > total_steps(trainer):
+            raise ValueError(
+                f"DynamicSparsity schedule does not fit {describe_limits(trainer)}: stop_epoch={self.stop_epoch} "
+                f"(step {self._stop}) is after the end of training. Set `stop_fraction` (a fraction of training that "
+                f"scales with max_epochs, e.g. {DEFAULT_STOP_FRACTION}) instead, or a smaller `stop_epoch`."
+            )
+
     def _is_update_step(self, step: int) -> bool:
         if self._smoke_step is not None:
             return step == self._smoke_step

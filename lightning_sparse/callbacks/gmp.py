@@ -10,7 +10,14 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sparse.callbacks._base import KeepMasked, MaskSourceInfo, check_strategy, log_metrics
-from lightning_sparse.callbacks._schedule import fast_dev_run_step, resolve_stop_step
+from lightning_sparse.callbacks._schedule import (
+    DEFAULT_STOP_FRACTION,
+    check_stop_args,
+    describe_limits,
+    fast_dev_run_step,
+    resolve_stop_step,
+    total_steps,
+)
 from lightning_sparse.checks import check_choice, check_patterns, check_range
 from lightning_sparse.sparsity.engine import MaskEngine
 from lightning_sparse.sparsity.gmp import SCOPES, cubic_sparsity, final_counts, prune_global, prune_layers, update_steps
@@ -21,7 +28,7 @@ __all__ = ["GradualMagnitudePruning"]
 
 
 def _check_args(density: float, distribution: str, initial_sparsity: float, update_interval: int, start_step: int,
-                stop_step: int | None, stop_epoch: int | None) -> None:
+                stop_step: int | None, stop_epoch: int | None, stop_fraction: float | None) -> None:
     check_range("density", density, 0, 1, high_inclusive=True, what="final fraction of kept weights")
     check_choice("distribution", distribution, SCOPES, "'global' = one threshold over all layers")
     check_range("initial_sparsity", initial_sparsity, 0, 1, low_inclusive=True, what="s_i")
@@ -30,18 +37,8 @@ def _check_args(density: float, distribution: str, initial_sparsity: float, upda
     if initial_sparsity > 1.0 - density:
         raise ValueError(f"`initial_sparsity` (s_i) must be <= the final sparsity 1 - density = {1.0 - density:g}, "
                          f"got initial_sparsity={initial_sparsity}.")
-    if stop_step is not None and stop_epoch is not None:
-        raise ValueError(
-            f"Give `stop_step` or `stop_epoch`, not both (got stop_step={stop_step}, stop_epoch={stop_epoch})."
-        )
-    if stop_step is not None:
-        check_range("stop_step", stop_step, 0, low_inclusive=True, integer=True)
-        if stop_step <= start_step:
-            raise ValueError(
-                f"`stop_step` must be after `start_step`, got start_step={start_step}, stop_step={stop_step}."
-            )
-    if stop_epoch is not None:
-        check_range("stop_epoch", stop_epoch, 1, low_inclusive=True, integer=True)
+    # the final update runs at the stop step itself, so a stop at the very end (fraction 1) would never run
+    check_stop_args(stop_step, stop_epoch, stop_fraction, start_step, high_inclusive=False)
 
 
 class GradualMagnitudePruning(KeepMasked):
@@ -68,9 +65,14 @@ class GradualMagnitudePruning(KeepMasked):
         initial_sparsity: s_i, the sparsity set at ``start_step`` (0: the first update changes nothing).
         update_interval: Δt, optimizer steps between updates.
         start_step: t0, the first update step (dense before it).
-        stop_step: t_end, the last update step, where the final density is reached. Exclusive with
-            ``stop_epoch``; without either, 75 % of training (counted in optimizer steps).
-        stop_epoch: like ``stop_step`` in epochs.
+        stop_step: t_end, the last update step, where the final density is reached (optimizer steps).
+        stop_epoch: like ``stop_step`` in epochs (an int).
+        stop_fraction: like ``stop_step`` as a fraction of training in (0, 1): ``floor(stop_fraction × total)``,
+            total = the fit's optimizer steps (``max_steps`` or ``max_epochs`` × steps per epoch, whichever ends
+            training first), resolved at each fit start, so it scales with ``max_epochs``. Give at most one of
+            ``stop_step``, ``stop_epoch`` and ``stop_fraction``; with none, 0.75. Whichever is given, the stop
+            step must come before the end of training (the final density is reached there), else
+            ``on_train_start`` raises and names ``stop_fraction``.
         include: fnmatch patterns of parameter names to prune (any weight with >= 2 dims).
         exclude: fnmatch patterns of parameter names to keep dense.
         sparse_first_last: also prune the first and the last candidate weight.
@@ -96,17 +98,19 @@ class GradualMagnitudePruning(KeepMasked):
         start_step: int = 0,
         stop_step: int | None = None,
         stop_epoch: int | None = None,
+        stop_fraction: float | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         sparse_first_last: bool = False,
         log_per_layer: bool = True,
     ) -> None:
-        _check_args(density, distribution, initial_sparsity, update_interval, start_step, stop_step, stop_epoch)
+        _check_args(density, distribution, initial_sparsity, update_interval, start_step, stop_step, stop_epoch,
+                    stop_fraction)
         check_patterns("include", include)
         check_patterns("exclude", exclude)
         self.density, self.distribution, self.initial_sparsity = density, distribution, initial_sparsity
         self.update_interval, self.start_step = update_interval, start_step
-        self.stop_step, self.stop_epoch = stop_step, stop_epoch
+        self.stop_step, self.stop_epoch, self.stop_fraction = stop_step, stop_epoch, stop_fraction
         self.include, self.exclude, self.sparse_first_last = include, exclude, sparse_first_last
         self.log_per_layer = log_per_layer
         self.engine = MaskEngine()
@@ -155,8 +159,10 @@ class GradualMagnitudePruning(KeepMasked):
         return marks
 
     def resolved_stop_step(self, trainer: pl.Trainer) -> int:
-        """The step of the last update, where the final density is reached (an explicit ``stop_step`` wins)."""
-        return resolve_stop_step(trainer, self.stop_step, self.stop_epoch)
+        """The step of the last update, where the final density is reached (``stop_step``, ``stop_epoch`` or
+        ``stop_fraction``)."""
+        fraction = DEFAULT_STOP_FRACTION if self.stop_fraction is None else self.stop_fraction
+        return resolve_stop_step(trainer, self.stop_step, self.stop_epoch, fraction)
 
     def sparsity_at(self, step: int) -> float:
         """The scheduled global sparsity s_t at ``step`` (needs the resolved stop step: after train start)."""
@@ -185,7 +191,17 @@ class GradualMagnitudePruning(KeepMasked):
             if self._stop <= self._start:
                 raise ValueError(
                     f"{type(self).__name__} ends before it starts: start_step={self.start_step}, stop step="
-                    f"{self._stop} (stop_step={self.stop_step}, stop_epoch={self.stop_epoch})."
+                    f"{self._stop} (stop_step={self.stop_step}, stop_epoch={self.stop_epoch}, "
+                    f"stop_fraction={self.stop_fraction})."
+                )
+            if self._stop >= total_steps(trainer):
+                given = next((f"{k}={v}" for k, v in (("stop_step", self.stop_step), ("stop_epoch", self.stop_epoch))
+                              if v is not None), f"stop_fraction={self.stop_fraction}")
+                raise ValueError(
+                    f"{type(self).__name__} schedule does not fit {describe_limits(trainer)}: {given} puts the last "
+                    f"update at step {self._stop}, which never runs, so the final density would not be reached. "
+                    f"Set `stop_fraction` (a fraction of training below 1 that scales with max_epochs, e.g. "
+                    f"{DEFAULT_STOP_FRACTION}) instead, or an earlier stop."
                 )
         self._steps = set(update_steps(self._start, self._stop, self.update_interval))
         self.engine.enforce(trainer.optimizers)

@@ -29,15 +29,20 @@ from lightning_sparse.sparsity.channels import (
 from lightning_sparse.sparsity.chase_schedule import (
     PHASE1_FINAL_GROWTH,
     PHASE1_MODES,
+    REFERENCE_FRACTIONS,
     SLIM_MODES,
+    SPANS,
     ChaseSchedule,
+    Spans,
     check_chase_args,
+    resolve_spans,
 )
 from lightning_sparse.sparsity.dst import global_grow, global_magnitude_prune
 
 __all__ = ["ChaseSchedule", "ChannelBook", "Update", "soft_bound_update", "strict_budget_update",
            "layer_magnitude_prune", "budget_targets", "cap_budget", "check_chase_args", "total_weights_of_old_state",
-           "ChannelRemoval", "plan_channel_removal", "scheduled_update", "SLIM_MODES", "PHASE1_MODES", "PHASE1_FINAL_GROWTH"]
+           "ChannelRemoval", "plan_channel_removal", "scheduled_update", "SLIM_MODES", "PHASE1_MODES", "PHASE1_FINAL_GROWTH",
+           "REFERENCE_FRACTIONS", "SPANS", "Spans", "resolve_spans"]
 
 Masks = dict[str, torch.Tensor]
 

@@ -230,7 +230,8 @@ def test_chase_schedule_equals_reference_step_for_step():
 
     for dt, interval, spe in ((1000, 2, 2502), (20, 1, 23), (4, 1, 6)):
         total_epochs = 10
-        sched = ChaseSchedule(spe, total_epochs * spe, 2, 8, interval, 0.4, 0.05, (0.5, 0.005), 0.1, update_interval=dt)
+        sched = ChaseSchedule.from_epochs(spe, total_epochs * spe, 2, 8, interval, 0.4, 0.05, (0.5, 0.005), 0.1,
+                                          update_interval=dt)
         for s in range(1, total_epochs * spe):
             ev = step_events(s - 1, steps_per_epoch=spe, total_epochs=total_epochs, stop_dst_epochs=2,
                              stop_gmp_epochs=8, update_frequency=dt, layer_interval_epochs=interval,
@@ -244,6 +245,33 @@ def test_chase_schedule_equals_reference_step_for_step():
             elif ev.mask_update is not None:
                 assert sched.in_phase2(s) and sched.phase2_fraction(s) == pytest.approx(ev.dst_rate, abs=1e-12)
 
+
+
+def test_chase_fraction_schedule_equals_reference_with_fractional_epochs():
+    """``*_fraction`` spans are the reference run with fractional epoch arguments (its ``stop_gmp_epochs`` and
+    ``layer_interval`` are floats: ``floor(stop_gmp_epochs * len)``, ``int(layer_interval * len)``): the channel
+    schedule ends at 7.5 of 10 epochs, removals every 1.3 epochs, phase 2 = the last 2 epochs."""
+    from lightning_sparse.sparsity.chase import ChaseSchedule
+
+    total_epochs, spe, dt = 10, 23, 20
+    args = dict(stop_gmp_fraction=0.75, channel_interval_fraction=0.13, stop_dst_fraction=0.2, channel_sparsity=0.4,
+                drop_fraction=0.05, phase2_drop_fraction=(0.5, 0.005), density=0.1, update_interval=dt)
+    sched = ChaseSchedule.for_training(args, total_epochs * spe)
+    removals = 0
+    for s in range(1, total_epochs * spe):
+        ev = step_events(s - 1, steps_per_epoch=spe, total_epochs=total_epochs, stop_dst_epochs=2,
+                         stop_gmp_epochs=7.5, update_frequency=dt, layer_interval_epochs=1.3,
+                         start_layer_rate=0.4, prune_rate=0.05, density=0.1)
+        assert sched.is_channel_step(s) == ev.channel_removal, s
+        assert sched.is_update_step(s) == (ev.mask_update is not None), s
+        removals += ev.channel_removal
+        if ev.channel_removal:
+            assert sched.channel_target(s) == pytest.approx(ev.layer_rate, abs=1e-12)
+        if ev.mask_update == "mest":
+            assert not sched.in_phase2(s) and sched.phase1_fraction(s) == pytest.approx(ev.prune_rate, abs=1e-12)
+        elif ev.mask_update is not None:
+            assert sched.in_phase2(s) and sched.phase2_fraction(s) == pytest.approx(ev.dst_rate, abs=1e-12)
+    assert removals >= 5 and (sched.channel_stop, sched.channel_interval) == (172, 29)
 
 def test_chase_channel_removal_and_redistribution_equal_reference():
     """A removal (``del_layer``: UMM, global threshold, floors) leaves the other masks alone and only re-solves
