@@ -36,8 +36,8 @@ EVERY = ["--last_checkpoint.every_n_train_steps=3"]  # last.ckpt at global steps
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", *EVERY]
 OVERRIDES = {
     "quickstart_rigl.yaml": {"update_interval": 2},
-    "quickstart_chase.yaml": {"update_interval": 2, "channel_interval_epochs": 1, "stop_gmp_epochs": 2,
-                              "stop_dst_epochs": 1},
+    "quickstart_chase.yaml": {"update_interval": 2, "channel_interval_fraction": 1 / 3, "stop_gmp_fraction": 2 / 3,
+                              "stop_dst_fraction": 1 / 3},
     "quickstart_nm24.yaml": {},
 }
 LOST_PEER = "another process of this 2-process run exited or stopped answering"
