@@ -14,6 +14,18 @@ from lightning_sparse.callbacks import Chase
 from lightning_sparse.slim import channel_candidates, slim_model, zero_channels
 from lightning_sparse.sparsity.channels import channel_floor, channel_scores, group_channel_scores
 
+
+class StopAfter(pl.Callback):
+    """Stop a run whose schedule spans max_epochs after ``steps`` steps (max_steps would have to fit the schedule)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 KW = dict(density=0.1, channel_sparsity=0.5, minimum_ratio=0.5, channel_interval_epochs=1, stop_gmp_epochs=2,
           stop_dst_epochs=1, update_interval=4, input_shape=(1, 8, 8), residual_channels=True)
 # the residual streams of TinyResNet("basic"), written out by hand from timm's ResNet: its 64-channel stem is
@@ -96,7 +108,7 @@ def test_first_removal_follows_pooled_umm(tmp_path):
     chase = Chase(**{**KW, "slim": "never"})
     snap = Snapshot(chase)
     model = TinyResNet("basic")
-    trainer(tmp_path, 5, [snap, chase], max_epochs=3).fit(model, fixed_loader())
+    trainer(tmp_path, 18, [snap, chase, StopAfter(5)], max_epochs=3).fit(model, fixed_loader())
     step, scores = snap.scores[-1]
     assert step == 4  # the first channel step: (4 + ΔT/2) is the first multiple of the 6-step epoch
     floors = {k: channel_floor(chase.start_channels[k], 0.5, 0.5) for k in scores}
@@ -213,7 +225,7 @@ def test_resnet18_stream_with_the_dense_stem(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.05)
     chase = Chase(**{**KW, "minimum_ratio": 0.2, "channel_sparsity": 0.6})
-    trainer(tmp_path, 7, [chase], max_epochs=3).fit(model, fixed_loader())  # one removal + slimming at step 6
+    trainer(tmp_path, 18, [chase, StopAfter(7)], max_epochs=3).fit(model, fixed_loader())  # one removal + slimming at step 6
     stem = chase.groups["model.conv1"]
     assert set(stem.producers) == {"model.conv1", "model.layer1.0.conv2", "model.layer1.1.conv2"}
     assert "model.conv1.weight" not in chase.masks  # dense first layer, still a producer of the stream

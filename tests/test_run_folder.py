@@ -96,6 +96,7 @@ def test_newcomer_sequence_one_folder(tmp_path: Path) -> None:
     assert len(val) == 3 and float(best["best_model_score"]) == max(val)  # best tracked across the stop
     assert (tmp_path / best["best_model_path"]).is_file()
 
+    assert yaml.safe_load((folder / "config.yaml").read_text())["ckpt_path"] is None  # run again: a new run
     tested = _ok(_train(tmp_path, "test", "--run_name", "qs", "--ckpt_path", "best"))
     assert "Reading the run's config" in tested.stderr + tested.stdout
     assert sorted(p.name for p in run.iterdir()) == ["latest", "version_0"]
@@ -130,7 +131,10 @@ def test_moved_run_resumes_in_its_new_place(tmp_path: Path) -> None:
     _ok(_train(tmp_path, "fit", "--ckpt_path", str(moved / "latest/checkpoints/last.ckpt")))
     assert not (tmp_path / "runs/qs").exists()
     folder = moved / "version_0"
-    assert [s for s, _ in _losses(_rows(folder / "metrics.csv"))] == list(range(12))
+    rows = _rows(folder / "metrics.csv")  # resumed from last.ckpt (end of epoch 0): that epoch's rows stay
+    assert [s for s, _ in _losses(rows)] == list(range(12))
+    assert [r["step"] for r in rows if r.get("train/acc")] == [r["step"] for r in rows if r.get("val/acc")] == \
+        ["3", "7", "11"]
     best = _model_checkpoint_state(folder / "checkpoints/last.ckpt")
     assert (tmp_path / best["best_model_path"]).parent.resolve() == (folder / "checkpoints").resolve()
     assert all((tmp_path / p).is_file() for p in best["best_k_models"])
@@ -154,6 +158,7 @@ def test_latest_link_and_text_fallback(tmp_path: Path) -> None:
     for v in (0, 2, 10):
         (name / f"version_{v}/checkpoints").mkdir(parents=True)
         (name / f"version_{v}/config.yaml").write_text("run_name: x\n")
+        (name / f"version_{v}/metrics.csv").write_text("step\n")
     assert update_latest(name) == name / "version_10"
     assert os.readlink(name / "latest") == "version_10"
     ckpt = name / "latest/checkpoints/last.ckpt"
@@ -164,6 +169,7 @@ def test_latest_link_and_text_fallback(tmp_path: Path) -> None:
     assert run_folder_of(ckpt) == name / "version_2"
     for v in (0, 2, 10):
         (name / f"version_{v}/config.yaml").unlink()
+        (name / f"version_{v}/metrics.csv").unlink()
         for d in (name / f"version_{v}/checkpoints", name / f"version_{v}"):
             d.rmdir()
     assert update_latest(name) is None and not (name / "latest").exists()
@@ -185,3 +191,29 @@ def test_compare_reads_latest_in_either_form(tmp_path: Path, monkeypatch, symlin
     monkeypatch.chdir(tmp_path)
     assert resolve_runs(["runs/x/*"]) == [Path("runs/x/version_0"), Path("runs/x/version_1")]  # latest not twice
     assert [p.resolve() for p in resolve_runs(["runs/x/latest"])] == [(tmp_path / "runs/x/version_1").resolve()]
+
+
+def test_only_the_clis_own_loggers_are_replaced() -> None:
+    from lightning_sparse.cli.runs import cli_managed_loggers
+
+    record = [{"class_path": "lightning_sparse.run.folder.RunCSVLogger", "init_args": {"save_dir": "runs"}},
+              {"class_path": "lightning_sparse.loggers.WandbLogger", "init_args": {"id": "abc"}}]
+    assert cli_managed_loggers(None) and cli_managed_loggers(True) and cli_managed_loggers(record)
+    mine = {"class_path": "lightning_sparse.loggers.WandbLogger", "init_args": {"project": "mine", "mode": "online"}}
+    assert not cli_managed_loggers(mine) and not cli_managed_loggers([mine])
+    assert not cli_managed_loggers([{"class_path": "pytorch_lightning.loggers.CSVLogger"}])
+    assert not cli_managed_loggers([*record, {"class_path": "pytorch_lightning.loggers.TensorBoardLogger"}])
+
+
+def test_a_folder_is_a_run_only_with_a_run_s_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    (tmp_path / "latest").write_text("my notes\n")
+    assert run_folder_of("model.ckpt") is None and run_folder_of("hpc") is None and run_folder_of("last") is None
+    (tmp_path / "metrics.csv").write_text("step\n")
+    assert run_folder_of("model.ckpt") is None  # a run's checkpoint is in checkpoints/, or SLURM's hpc_ckpt_N
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    assert run_folder_of("hpc_ckpt_1.ckpt") == tmp_path.resolve()  # never "." (empty folder names)
+    assert update_latest(tmp_path) is None and (tmp_path / "latest").read_text() == "my notes\n"  # not ours: kept
+    assert expand_latest("latest/x.ckpt") == Path("latest/x.ckpt")

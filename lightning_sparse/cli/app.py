@@ -264,6 +264,7 @@ class SparseCLI(LightningCLI):
         """Write the loggers and callbacks the CLI added into the config that ``config.yaml`` saves."""
         from jsonargparse import Namespace
 
+        self._subconfig().ckpt_path = None  # a config.yaml run again starts a new run; it does not rewind this one
         cfg = self._subconfig().trainer
 
         def entry(obj: Any, **init_args: Any) -> Namespace:
@@ -301,8 +302,8 @@ def main(args: list[str] | None = None) -> SparseCLI:
         if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
             return SparseCLI(args=cli_args)
         cli = SparseCLI(args=cli_args, run=False)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"),
-                        weights_only=cli.config.get("weights_only"))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config_init.get("ckpt_path"),
+                        weights_only=cli.config_init.get("weights_only"))
         if not cli.trainer.interrupted:
             cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=_test_checkpoint(cli.trainer))
         cli.print_summary()

@@ -10,6 +10,7 @@ from typing import Any
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_sparse.preemption import LAST_PATTERNS, checkpoint_is_readable, find_last_checkpoint
+from lightning_sparse.run.folder import expand_latest
 from lightning_sparse.utils.checkpoints import load_checkpoint
 
 __all__ = ["RUNS_DIR", "best_checkpoint", "best_checkpoint_patterns", "last_checkpoint_patterns", "resolve_ckpt_path"]
@@ -28,7 +29,7 @@ def resolve_ckpt_path(cfg: Any, quiet: bool = False) -> None:
         FileNotFoundError: no checkpoint matches, or the file does not exist.
         ValueError: the file is not a readable Lightning checkpoint.
     """
-    path = cfg.ckpt_path
+    path = cfg.ckpt_path = str(expand_latest(cfg.ckpt_path)) if "://" not in str(cfg.ckpt_path) else cfg.ckpt_path
     if path == "last":
         patterns = last_checkpoint_patterns(cfg)
         found = find_last_checkpoint(Path(p) for pattern in patterns for p in glob.glob(pattern))

@@ -28,18 +28,18 @@ from lightning_sparse.run.folder import RunCSVLogger, new_wandb_id, run_folder_o
 __all__ = ["RECORDED_LOGGERS", "cli_managed_loggers", "run_loggers", "with_run_config"]
 
 PROJECT = "lightning_sparse"
-#: the loggers the CLI creates and records in ``config.yaml``: a config whose ``trainer.logger`` holds only these
-#: (a run's own ``config.yaml``) gets them placed in the run folder the command works in, not where they were
-RECORDED_LOGGERS = ("lightning_sparse.run.folder.RunCSVLogger", "lightning_sparse.loggers.WandbLogger",
-                    "pytorch_lightning.loggers.csv_logs.CSVLogger")
+#: the loggers the CLI creates and records in ``config.yaml``; a ``trainer.logger`` that holds only these, the
+#: ``RunCSVLogger`` among them (a run's own ``config.yaml``), gets them placed in the run folder the command works
+#: in, not where they were. A logger configured by hand (without ``RunCSVLogger``) is used as configured.
+RECORDED_LOGGERS = ("lightning_sparse.run.folder.RunCSVLogger", "lightning_sparse.loggers.WandbLogger")
 
 
 def cli_managed_loggers(logger: Any) -> bool:
-    """Whether ``trainer.logger`` leaves the loggers to the CLI: unset, ``true``, or only :data:`RECORDED_LOGGERS`."""
+    """Whether ``trainer.logger`` leaves the loggers to the CLI: unset, ``true``, or the CLI's own record."""
     if logger in (None, True):
         return True
-    entries = logger if isinstance(logger, (list, tuple)) else [logger]
-    return bool(entries) and all(_class_path(e) in RECORDED_LOGGERS for e in entries)
+    paths = [_class_path(e) for e in (logger if isinstance(logger, (list, tuple)) else [logger])]
+    return RECORDED_LOGGERS[0] in paths and all(p in RECORDED_LOGGERS for p in paths)
 
 
 def _class_path(entry: Any) -> str | None:

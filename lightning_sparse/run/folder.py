@@ -3,11 +3,13 @@
 - :func:`run_folder_of`: the run version folder a checkpoint belongs to (``<folder>/checkpoints/<file>.ckpt``
   next to ``<folder>/config.yaml``), wherever the folder was moved or renamed to.
 - :class:`RunCSVLogger`: Lightning's ``CSVLogger`` that continues the folder's ``metrics.csv`` when a run resumes
-  (Lightning's own deletes it), dropping the rows logged after the checkpoint it resumes from.
-- :class:`RunFolder`: the callback the CLI adds. It keeps ``runs/<name>/latest`` pointing at the newest version,
-  records in each checkpoint how many ``metrics.csv`` rows it covers, points ``ModelCheckpoint``'s best/top-k
-  state at the folder's new place after a move, and removes a new version folder (and its W&B run) when the run
-  fails before its first training step.
+  (Lightning's own deletes it).
+- :class:`RunFolder`: the callback the CLI adds. It keeps ``runs/<name>/latest`` pointing at the newest version;
+  writes ``metrics.csv`` out with every checkpoint; on resume, drops at the first training step the rows logged at
+  or after the checkpoint's step (work the stop lost, which the resumed run logs again); points
+  ``ModelCheckpoint``'s best/top-k state at the folder's new place after a move; and when a start fails before
+  its first training step, removes a new version folder (and its W&B run) or puts a resumed folder's
+  ``config.yaml`` back.
 - :func:`wandb_run_id`: the W&B run id of a run folder, so a resume continues the same W&B run.
 
 ``latest`` is a relative symlink (``latest -> version_3``). Where symlinks cannot be created (Windows without
@@ -22,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import string
 import sys
 from pathlib import Path
@@ -32,7 +35,7 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 __all__ = ["LATEST", "RunCSVLogger", "RunFolder", "expand_latest", "new_wandb_id", "run_folder_of", "update_latest",
@@ -40,6 +43,7 @@ __all__ = ["LATEST", "RunCSVLogger", "RunFolder", "expand_latest", "new_wandb_id
 
 LATEST = "latest"
 _VERSION = re.compile(r"version_(\d+)$")
+_HPC = re.compile(r"hpc_ckpt_\d+\.ckpt$")
 _WANDB_DIR = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([a-z0-9]+)$")
 
 
@@ -49,25 +53,36 @@ def expand_latest(path: str | Path) -> Path:
     parts = path.parts
     for i, part in enumerate(parts):
         link = Path(*parts[: i + 1])
-        if part == LATEST and link.is_file() and not link.is_symlink():
-            target = link.read_text().strip()
+        if part == LATEST and (target := _latest_text(link)) is not None:
             return expand_latest(Path(*parts[:i], target, *parts[i + 1:]))
     return path
 
 
+def _latest_text(link: Path) -> str | None:
+    """The folder name a text-file ``latest`` holds (``version_N``), None for anything else."""
+    if link.is_symlink() or not link.is_file() or link.stat().st_size > 64:
+        return None
+    text = link.read_text(errors="replace").strip()
+    return text if _VERSION.match(text) else None
+
+
 def run_folder_of(ckpt_path: str | Path) -> Path | None:
-    """The run version folder holding ``ckpt_path`` (``<folder>/checkpoints/<file>`` or ``<folder>/<file>``, with
-    ``<folder>/config.yaml``),
+    """The run version folder holding ``ckpt_path`` (``<folder>/checkpoints/<file>`` or ``<folder>/hpc_ckpt_N.ckpt``,
+    with ``<folder>/config.yaml`` and ``<folder>/metrics.csv``),
     with ``latest`` resolved to the version it points to; None for a checkpoint outside a run folder."""
+    if "://" in str(ckpt_path) or str(ckpt_path) in ("last", "best", "hpc"):
+        return None
     path = expand_latest(ckpt_path)
-    if "://" in str(ckpt_path):
+    if path.parent.name == "checkpoints":
+        folder = path.parent.parent
+    elif _HPC.match(path.name):  # SLURM's requeue checkpoint, in the run folder
+        folder = path.parent
+    else:
         return None
-    # <folder>/checkpoints/<file>, or <folder>/hpc_ckpt_N.ckpt (SLURM's requeue checkpoint, in the run folder)
-    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    if not (folder / "config.yaml").is_file():
+    if not (folder / "config.yaml").is_file() or not (folder / "metrics.csv").is_file():
         return None
-    if folder.name == LATEST or any(p.name == LATEST for p in folder.parents):
-        folder = Path(os.path.relpath(folder.resolve())) if not folder.is_absolute() else folder.resolve()
+    if LATEST in folder.parts or os.path.normpath(folder).split(os.sep)[-1] in ("", ".", ".."):
+        folder = folder.resolve()  # the version folder itself, by a name that is not "latest" or "."
     return folder
 
 
@@ -80,18 +95,19 @@ def update_latest(name_dir: str | Path) -> Path | None:
     versions = sorted((int(m.group(1)), p.name) for p in (name_dir.iterdir() if name_dir.is_dir() else ())
                       if (m := _VERSION.match(p.name)) and p.is_dir() and not p.is_symlink())
     link = name_dir / LATEST
-    if link.is_dir() and not link.is_symlink():
-        rank_zero_info(f"{link} is a folder, not the run's 'latest' link: left as it is.")
+    if (link.exists() or link.is_symlink()) and not link.is_symlink() and _latest_text(link) is None:
+        rank_zero_info(f"{link} is not the run's 'latest' link: left as it is.")
         return None
     if not versions:
         link.unlink(missing_ok=True)
         return None
     target = versions[-1][1]
-    tmp = name_dir / f".{LATEST}.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    tmp = name_dir / f".{LATEST}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         os.symlink(target, tmp, target_is_directory=True)
-    except OSError:  # no symlinks here: the documented text-file fallback
+    except FileExistsError:
+        raise
+    except OSError:  # no symlinks here (Windows without developer mode): the text-file fallback
         tmp.write_text(target + "\n")
     os.replace(tmp, link)
     return name_dir / target
@@ -115,42 +131,35 @@ def wandb_run_id(folder: Path) -> str | None:
 
 
 class _RunWriter(ExperimentWriter):
-    """Lightning's CSV writer, keeping an existing ``metrics.csv`` (header included) and counting its rows."""
+    """Lightning's CSV writer, keeping an existing ``metrics.csv`` (its header included)."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
-        self.rows = 0
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.metrics_keys = list(reader.fieldnames or [])
-                self.rows = sum(1 for _ in reader)
+                self.metrics_keys = list(csv.DictReader(fh).fieldnames or [])
 
     @override
     def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here; a resumed run appends to it
         pass
 
-    @override
-    def save(self) -> None:
-        pending = len(self.metrics)
-        super().save()
-        self.rows += pending
-
-    def keep_rows(self, n: int) -> int:
-        """Drop the rows after the first ``n`` (written or pending); return how many were dropped."""
+    def drop_from_step(self, step: int) -> int:
+        """Drop the written rows logged at ``step`` or later; return how many were dropped."""
         self.save()
-        if self.rows <= n:
+        if not os.path.isfile(self.metrics_file_path):
             return 0
         with open(self.metrics_file_path, newline="") as fh:
             rows = list(csv.DictReader(fh))
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+        if len(kept) == len(rows):
+            return 0
         tmp = f"{self.metrics_file_path}.tmp"
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
             writer.writeheader()
-            writer.writerows(rows[:n])
+            writer.writerows(kept)
         os.replace(tmp, self.metrics_file_path)
-        dropped, self.rows = self.rows - n, n
-        return dropped
+        return len(rows) - len(kept)
 
 
 class RunCSVLogger(CSVLogger):
@@ -167,11 +176,6 @@ class RunCSVLogger(CSVLogger):
             self._experiment = _RunWriter(log_dir=self.log_dir)
         return self._experiment
 
-    def rows(self) -> int:
-        """Rows of ``metrics.csv`` logged so far, written or pending (rank zero; 0 elsewhere)."""
-        writer = self._experiment
-        return writer.rows + len(writer.metrics) if isinstance(writer, _RunWriter) else 0
-
 
 class RunFolder(pl.Callback):
     """The run folder's bookkeeping (added by the CLI, rank zero acts; see the module docstring).
@@ -187,42 +191,40 @@ class RunFolder(pl.Callback):
         self.trained = False
         self.removed = False
         self._csv_logger: RunCSVLogger | None = None
-
-    @property
-    def state_key(self) -> str:
-        return "RunFolder"
+        self._resume_step: int | None = None
+        config = self.folder / "config.yaml"  # a resumed folder's, put back if this start fails
+        self._config = config.read_bytes() if not created and config.is_file() else None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, RunCSVLogger)), None)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"metrics_rows": self._csv_logger.rows()} if self._csv_logger is not None else {}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rows = state_dict.get("metrics_rows")
-        if rows is not None and self._csv_logger is not None and rank_zero_only.rank == 0:
-            dropped = self._csv_logger.experiment.keep_rows(int(rows))
-            if dropped:
-                rank_zero_info(f"metrics.csv: dropped {dropped} row(s) logged after the checkpoint this run resumes from.")
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._csv_logger is not None and trainer.is_global_zero:  # a hard kill after this loses no logged row
+            self._csv_logger.save()
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Point ``ModelCheckpoint``'s saved paths at this folder (they name the old place after a move or rename)."""
+        """Note the step the run resumes at, and point ``ModelCheckpoint``'s saved paths at this folder (they name the
+        old place after a move or rename)."""
+        loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+        self._resume_step = int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
         ckpt_path = trainer.ckpt_path
+        if ckpt_path is None or run_folder_of(ckpt_path) is None or \
+                run_folder_of(ckpt_path).resolve() != self.folder.resolve():
+            return
         states = checkpoint.get("callbacks") or {}
         for cb in trainer.callbacks:
             state = states.get(cb.state_key) if isinstance(cb, ModelCheckpoint) else None
             if not state or not cb.dirpath or not state.get("dirpath") or state["dirpath"] == cb.dirpath:
                 continue
-            if ckpt_path is None or Path(ckpt_path).resolve().parent != Path(cb.dirpath).resolve():
-                continue
-            old, new = str(state["dirpath"]), str(cb.dirpath)
+            old, new = str(state["dirpath"]).rstrip(os.sep), str(cb.dirpath)
 
             def moved(path: Any, old: str = old, new: str = new) -> Any:
-                return new + path[len(old):] if isinstance(path, str) and path.startswith(old) else path
+                if isinstance(path, str) and (path == old or path.startswith(old + os.sep)):
+                    return new + path[len(old):]
+                return path
 
             for key in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
                 if key in state:
@@ -233,7 +235,21 @@ class RunFolder(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.folder.is_dir():
-            update_latest(self.folder.parent)
+            try:
+                update_latest(self.folder.parent)
+            except OSError as err:  # a convenience link: never the reason a run stops
+                rank_zero_warn(f"Could not point {self.folder.parent / LATEST} at {self.folder.name}: {err}")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._resume_step is None or self.trained:
+            return
+        step, self._resume_step = self._resume_step, None
+        if self._csv_logger is not None and trainer.is_global_zero:  # now that the resumed run trains
+            dropped = self._csv_logger.experiment.drop_from_step(step)
+            if dropped:
+                rank_zero_info(f"metrics.csv: dropped {dropped} row(s) logged at step {step} or later, after the "
+                               "checkpoint this run resumes from (the resumed run logs those steps again).")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -242,15 +258,23 @@ class RunFolder(pl.Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.trained or not self.created or not trainer.is_global_zero or not self.folder.exists():
+        if self.trained or not trainer.is_global_zero or not self.folder.exists():
             return
-        for logger in trainer.loggers:  # close a W&B run that was started, before its folder goes
-            if getattr(logger, "_experiment", None) is not None and hasattr(logger._experiment, "finish"):
-                logger._experiment.finish(exit_code=1)
-        shutil.rmtree(self.folder, ignore_errors=True)
-        update_latest(self.folder.parent)
-        if self.folder.parent.is_dir() and not any(self.folder.parent.iterdir()):
-            self.folder.parent.rmdir()
+        try:
+            if not self.created:  # a resume that failed to start: the folder keeps the config it ran with
+                if self._config is not None:
+                    (self.folder / "config.yaml").write_bytes(self._config)
+                return
+            for logger in trainer.loggers:  # close a W&B run that was started, before its folder goes
+                if getattr(logger, "_experiment", None) is not None and hasattr(logger._experiment, "finish"):
+                    logger._experiment.finish(exit_code=1)
+            shutil.rmtree(self.folder)
+            update_latest(self.folder.parent)
+            if self.folder.parent.is_dir() and not any(self.folder.parent.iterdir()):
+                self.folder.parent.rmdir()
+        except Exception as err:  # noqa: BLE001 - cleanup must not hide the error that stopped the run
+            rank_zero_warn(f"Could not clean up {self.folder} after the failed start: {type(err).__name__}: {err}")
+            return
         self.removed = True
         sys.stderr.write(f"Removed {self.folder}: the run stopped before its first training step "
                          f"({type(exception).__name__}), so nothing of it is kept.\n")
