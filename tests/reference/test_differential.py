@@ -236,14 +236,7 @@ def test_chase_schedule_equals_reference_step_for_step():
             ev = step_events(s - 1, steps_per_epoch=spe, total_epochs=total_epochs, stop_dst_epochs=2,
                              stop_gmp_epochs=8, update_frequency=dt, layer_interval_epochs=interval,
                              start_layer_rate=0.4, prune_rate=0.05, density=0.1)
-            assert sched.is_channel_step(s) == ev.channel_removal, (dt, s)
-            assert sched.is_update_step(s) == (ev.mask_update is not None), (dt, s)
-            if ev.channel_removal:
-                assert sched.channel_target(s) == pytest.approx(ev.layer_rate, abs=1e-12)
-            if ev.mask_update == "mest":
-                assert not sched.in_phase2(s) and sched.phase1_fraction(s) == pytest.approx(ev.prune_rate, abs=1e-12)
-            elif ev.mask_update is not None:
-                assert sched.in_phase2(s) and sched.phase2_fraction(s) == pytest.approx(ev.dst_rate, abs=1e-12)
+            _assert_step_equals_reference(sched, s, ev, dt)
 
 
 
@@ -262,15 +255,8 @@ def test_chase_fraction_schedule_equals_reference_with_fractional_epochs():
         ev = step_events(s - 1, steps_per_epoch=spe, total_epochs=total_epochs, stop_dst_epochs=2,
                          stop_gmp_epochs=7.5, update_frequency=dt, layer_interval_epochs=1.3,
                          start_layer_rate=0.4, prune_rate=0.05, density=0.1)
-        assert sched.is_channel_step(s) == ev.channel_removal, s
-        assert sched.is_update_step(s) == (ev.mask_update is not None), s
+        _assert_step_equals_reference(sched, s, ev)
         removals += ev.channel_removal
-        if ev.channel_removal:
-            assert sched.channel_target(s) == pytest.approx(ev.layer_rate, abs=1e-12)
-        if ev.mask_update == "mest":
-            assert not sched.in_phase2(s) and sched.phase1_fraction(s) == pytest.approx(ev.prune_rate, abs=1e-12)
-        elif ev.mask_update is not None:
-            assert sched.in_phase2(s) and sched.phase2_fraction(s) == pytest.approx(ev.dst_rate, abs=1e-12)
     assert removals >= 5 and (sched.channel_stop, sched.channel_interval) == (172, 29)
 
 def test_chase_channel_removal_and_redistribution_equal_reference():
@@ -398,3 +384,15 @@ def test_imagenet_srste_config_carries_the_reference_effective_decay():
     world = cfg["trainer"]["devices"] * cfg["trainer"].get("num_nodes", 1)
     assert world == 8
     assert cfg["sparsity"]["init_args"]["decay"] == pytest.approx(effective_decay(world))
+
+
+def _assert_step_equals_reference(sched, s: int, ev, *where) -> None:
+    """Our schedule at step ``s`` does what the reference's step events ``ev`` say."""
+    assert sched.is_channel_step(s) == ev.channel_removal, (*where, s)
+    assert sched.is_update_step(s) == (ev.mask_update is not None), (*where, s)
+    if ev.channel_removal:
+        assert sched.channel_target(s) == pytest.approx(ev.layer_rate, abs=1e-12)
+    if ev.mask_update == "mest":
+        assert not sched.in_phase2(s) and sched.phase1_fraction(s) == pytest.approx(ev.prune_rate, abs=1e-12)
+    elif ev.mask_update is not None:
+        assert sched.in_phase2(s) and sched.phase2_fraction(s) == pytest.approx(ev.dst_rate, abs=1e-12)
