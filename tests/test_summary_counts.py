@@ -76,7 +76,8 @@ def test_summary_counts_nm_as_the_model_holds_it(tmp_path, monkeypatch, capfd):
 
 @pytest.mark.slow
 def test_summary_counts_a_slimmed_model_against_itself_and_the_original(tmp_path, monkeypatch, capfd):
-    line, runs = _run(tmp_path, monkeypatch, capfd, "quickstart_chase.yaml", "--sparsity.init_args.stop_gmp_epochs=2",
+    line, runs = _run(tmp_path, monkeypatch, capfd, "quickstart_chase.yaml", "--sparsity.init_args.stop_gmp_fraction=null",
+                      "--sparsity.init_args.stop_gmp_epochs=2", "--sparsity.init_args.stop_dst_fraction=null",
                       "--sparsity.init_args.stop_dst_epochs=1", "--sparsity.init_args.update_interval=2")
     # a slimmed model is tested with its final weights, which last.ckpt holds
     last = runs / "quickstart_chase" / "checkpoints" / "last.ckpt"

@@ -5,8 +5,8 @@
 - :class:`RunCSVLogger`: Lightning's ``CSVLogger`` that continues the folder's ``metrics.csv`` when a run resumes
   (Lightning's own deletes it).
 - :class:`RunFolder`: the callback the CLI adds. It keeps ``runs/<name>/latest`` pointing at the newest version;
-  writes ``metrics.csv`` out with every checkpoint; on resume, drops at the first training step the rows logged at
-  or after the checkpoint's step (work the stop lost, which the resumed run logs again); points
+  writes ``metrics.csv`` out with every checkpoint; on resume, has the resumed run's first written rows replace
+  the rows logged at or after their step (work the stop lost, which the resumed run logs again); points
   ``ModelCheckpoint``'s best/top-k state at the folder's new place after a move; and when a start fails before
   its first training step, removes a new version folder (and its W&B run) or puts a resumed folder's
   ``config.yaml`` back.
@@ -131,10 +131,16 @@ def wandb_run_id(folder: Path) -> str | None:
 
 
 class _RunWriter(ExperimentWriter):
-    """Lightning's CSV writer, keeping an existing ``metrics.csv`` (its header included)."""
+    """Lightning's CSV writer, keeping an existing ``metrics.csv`` (its header included).
+
+    ``resuming``: set when the run resumes from a checkpoint. The first rows it writes then replace every row of
+    the file logged at their first step or later (work the stop lost, which the resumed run logs again), so each
+    step appears once; nothing is dropped before the resumed run has logged.
+    """
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
+        self.resuming = False
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as fh:
                 self.metrics_keys = list(csv.DictReader(fh).fieldnames or [])
@@ -143,9 +149,18 @@ class _RunWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here; a resumed run appends to it
         pass
 
-    def drop_from_step(self, step: int) -> int:
-        """Drop the written rows logged at ``step`` or later; return how many were dropped."""
-        self.save()
+    @override
+    def save(self) -> None:
+        steps = [int(m["step"]) for m in self.metrics if m.get("step") is not None]
+        if self.resuming and steps:
+            self.resuming = False
+            dropped = self._drop_from_step(min(steps))
+            if dropped:
+                rank_zero_info(f"metrics.csv: dropped {dropped} row(s) logged at step {min(steps)} or later before the "
+                               "stop; the resumed run logs those steps again.")
+        super().save()
+
+    def _drop_from_step(self, step: int) -> int:
         if not os.path.isfile(self.metrics_file_path):
             return 0
         with open(self.metrics_file_path, newline="") as fh:
@@ -191,7 +206,6 @@ class RunFolder(pl.Callback):
         self.trained = False
         self.removed = False
         self._csv_logger: RunCSVLogger | None = None
-        self._resume_step: int | None = None
         config = self.folder / "config.yaml"  # a resumed folder's, put back if this start fails
         self._config = config.read_bytes() if not created and config.is_file() else None
 
@@ -206,10 +220,10 @@ class RunFolder(pl.Callback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Note the step the run resumes at, and point ``ModelCheckpoint``'s saved paths at this folder (they name the
+        """Mark ``metrics.csv`` as resuming, and point ``ModelCheckpoint``'s saved paths at this folder (they name the
         old place after a move or rename)."""
-        loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
-        self._resume_step = int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+        if self._csv_logger is not None and trainer.is_global_zero and trainer.state.fn == "fit":
+            self._csv_logger.experiment.resuming = True
         ckpt_path = trainer.ckpt_path
         if ckpt_path is None or run_folder_of(ckpt_path) is None or \
                 run_folder_of(ckpt_path).resolve() != self.folder.resolve():
@@ -239,17 +253,6 @@ class RunFolder(pl.Callback):
                 update_latest(self.folder.parent)
             except OSError as err:  # a convenience link: never the reason a run stops
                 rank_zero_warn(f"Could not point {self.folder.parent / LATEST} at {self.folder.name}: {err}")
-
-    @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._resume_step is None or self.trained:
-            return
-        step, self._resume_step = self._resume_step, None
-        if self._csv_logger is not None and trainer.is_global_zero:  # now that the resumed run trains
-            dropped = self._csv_logger.experiment.drop_from_step(step)
-            if dropped:
-                rank_zero_info(f"metrics.csv: dropped {dropped} row(s) logged at step {step} or later, after the "
-                               "checkpoint this run resumes from (the resumed run logs those steps again).")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
