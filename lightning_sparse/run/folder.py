@@ -224,9 +224,8 @@ class RunFolder(pl.Callback):
         old place after a move or rename)."""
         if self._csv_logger is not None and trainer.is_global_zero and trainer.state.fn == "fit":
             self._csv_logger.experiment.resuming = True
-        ckpt_path = trainer.ckpt_path
-        if ckpt_path is None or run_folder_of(ckpt_path) is None or \
-                run_folder_of(ckpt_path).resolve() != self.folder.resolve():
+        folder = run_folder_of(trainer.ckpt_path) if trainer.ckpt_path else None
+        if folder is None or folder.resolve() != self.folder.resolve():
             return
         states = checkpoint.get("callbacks") or {}
         for cb in trainer.callbacks:
